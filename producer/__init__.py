@@ -1,0 +1,1 @@
+"""Publishing notification jobs to pushfan's jobs topic."""

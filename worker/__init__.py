@@ -1,0 +1,1 @@
+"""The fanout worker: consume job, resolve audience pages, fetch tokens, send, report, commit."""
