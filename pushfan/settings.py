@@ -1,0 +1,180 @@
+"""pushfan's configuration: one pydantic-settings tree, built once at start-up and passed down.
+
+Every field is read from the environment as ``PUSHFAN_<SECTION>__<FIELD>`` (for example
+``PUSHFAN_KAFKA__BOOTSTRAP_SERVERS``). Two conventional variables are honoured too, below
+the prefixed ones: ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL``. Unknown ``PUSHFAN_``
+variables are an error at start-up, so a typo never silently falls back to a default.
+Nothing here is read at import time: call :func:`load_settings` once in ``main``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "PUSHFAN_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TopicSettings(_Section):
+    """Kafka topic names. Tests give each session its own names through these."""
+
+    jobs: str = Field("pushfan.jobs", description="Notification jobs published by backends.")
+    shards: str = Field("pushfan.shards", description="Internal: shards of big audiences.")
+    retry: str = Field("pushfan.retry", description="Internal: sends delayed after retries.")
+    dead_letter: str = Field("pushfan.dead-letter", description="Jobs that failed validation.")
+    invalid_tokens: str = Field(
+        "pushfan.invalid-tokens", description="Dead tokens reported by the platforms."
+    )
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092",
+        description="Comma-separated host:port list (also KAFKA_BOOTSTRAP_SERVERS).",
+    )
+    client_id: str = Field("pushfan", description="Client id sent to the broker.")
+    enable_idempotence: bool = Field(
+        True, description="Idempotent producer; turn off for brokers without InitProducerId."
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, with a SASL_* protocol."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never printed).")
+    topics: TopicSettings = TopicSettings()
+
+
+class DatabaseSettings(_Section):
+    url: SecretStr = Field(
+        SecretStr("postgresql://postgres@127.0.0.1:5432/pushfan"),
+        description="PostgreSQL DSN (also DATABASE_URL).",
+    )
+    min_pool_size: int = Field(1, ge=0, description="Connections kept open per process.")
+    max_pool_size: int = Field(10, ge=1, description="Most connections per process.")
+    statement_timeout_ms: int = Field(30_000, ge=0, description="Server-side statement timeout.")
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR."
+    )
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console on a terminal, JSON otherwise."
+    )
+
+
+class WorkerSettings(_Section):
+    page_size: int = Field(
+        1000, ge=1, le=50_000, description="user_ids resolved per page (one token query each)."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with :func:`load_settings`, then pass it down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    logging: LoggingSettings = LoggingSettings()
+    worker: WorkerSettings = WorkerSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win; the conventional variables sit just above the defaults.
+        return (
+            init_settings,
+            _StrictPrefixedEnv(settings_cls),
+            _ConventionalEnv(settings_cls),
+            file_secret_settings,
+        )
+
+
+class _StrictPrefixedEnv(EnvSettingsSource):
+    """The ``PUSHFAN_*`` variables, refusing any that name no setting."""
+
+    def __call__(self) -> dict[str, Any]:
+        unknown = sorted(
+            name
+            for name in os.environ
+            if name.upper().startswith(ENV_PREFIX) and name.upper() not in _known_env_names()
+        )
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) in the environment: {', '.join(unknown)}; "
+                "run `pushfan settings` for the list"
+            )
+        return super().__call__()
+
+
+class _ConventionalEnv(PydanticBaseSettingsSource):
+    """``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL``, as most tooling sets them."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        if servers := os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+            values["kafka"] = {"bootstrap_servers": servers}
+        if url := os.environ.get("DATABASE_URL"):
+            values["database"] = {"url": url}
+        return values
+
+
+def env_names() -> list[tuple[str, FieldInfo]]:
+    """Every leaf setting as ``(ENV_NAME, field)``, in declaration order."""
+    out: list[tuple[str, FieldInfo]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name.upper()}{ENV_NESTED_DELIMITER}")
+            else:
+                out.append((f"{prefix}{name.upper()}", field))
+
+    walk(Settings, ENV_PREFIX)
+    return out
+
+
+def _known_env_names() -> set[str]:
+    leaves = {name for name, _ in env_names()}
+    # A whole section may also be given as one JSON object, e.g. PUSHFAN_KAFKA__TOPICS='{...}'.
+    sections = {name.rsplit(ENV_NESTED_DELIMITER, 1)[0] for name in leaves}
+    return leaves | sections
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from the environment; ``overrides`` win over it (used by tests)."""
+    return Settings(**overrides)
