@@ -1,0 +1,148 @@
+"""The ``pushfan`` command: one entry point, one subcommand per service or task.
+
+Settings are built once here from the environment and passed down; a bad setting or an
+unreachable dependency at start-up ends the command with a one-line message and exit
+status 2 rather than a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+
+from pydantic import ValidationError
+
+from pushfan import __version__
+from pushfan.errors import SetupError
+from pushfan.logs import configure_logging
+from pushfan.settings import Settings, env_names, load_settings
+
+# Subcommands that later work fills; each names the issue that brings it.
+PLANNED: dict[str, tuple[str, int]] = {
+    "worker": ("consume notification jobs and fan them out to every device", 5),
+    "registry": ("serve the token registry HTTP API", 4),
+    "cleanup": ("deactivate tokens the platforms reported dead", 4),
+    "hygiene": ("deactivate tokens unused for the configured time", 4),
+    "publish": ("publish a notification job", 7),
+    "bridge": ("turn business events (orders shipped) into notification jobs", 7),
+    "emulators": ("serve the FCM and APNs emulators", 3),
+    "status": ("show a job's progress and counts", 5),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pushfan",
+        description="Push-notification fanout: Kafka jobs to every device via FCM and APNs. "
+        "Configuration comes from PUSHFAN_* environment variables (see `pushfan settings`).",
+    )
+    parser.add_argument("--version", action="version", version=f"pushfan {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("migrate", help="apply the database migrations (safe to run concurrently)")
+    p.set_defaults(run=_cmd_migrate)
+
+    p = sub.add_parser("settings", help="list every setting, its variable and current value")
+    p.add_argument("--markdown", action="store_true", help="as a Markdown table (for docs)")
+    p.set_defaults(run=_cmd_settings)
+
+    p = sub.add_parser(
+        "up",
+        help="start the embedded stack (broker, PostgreSQL) and run the demo (`make run`)",
+        description="Start a Kafka-protocol broker and a PostgreSQL (or use KAFKA_BOOTSTRAP_SERVERS"
+        " and DATABASE_URL), apply migrations, create the topics, run the demo and keep serving"
+        " until Ctrl-C.",
+    )
+    p.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is done")
+    p.set_defaults(run=_cmd_up)
+
+    for name, (summary, issue) in PLANNED.items():
+        p = sub.add_parser(name, help=f"{summary} (not implemented yet: issue #{issue})")
+        p.set_defaults(run=_planned(name, issue))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except (ValidationError, ValueError) as exc:
+        print(f"pushfan: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.logging)
+    run: Callable[[argparse.Namespace, Settings], int] = args.run
+    try:
+        return run(args, settings)
+    except SetupError as exc:
+        print(f"pushfan {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
+    from pushfan.db import migrate
+
+    applied = asyncio.run(migrate(settings.database.url.get_secret_value()))
+    if applied:
+        for m in applied:
+            print(f"applied {m.version:04d}_{m.name}")
+    else:
+        print("database is up to date")
+    return 0
+
+
+def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
+    current = _flatten(settings.model_dump())
+    if args.markdown:
+        print("| variable | default | meaning |")
+        print("| --- | --- | --- |")
+    for name, field in env_names():
+        default = "" if field.default is None else _show(field.default)
+        if args.markdown:
+            print(f"| `{name}` | `{default}` | {field.description or ''} |")
+        else:
+            print(f"{name}={_show(current[name])}")
+    return 0
+
+
+def _flatten(values: dict[str, object], prefix: str = "PUSHFAN_") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key.upper()}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}__"))
+        else:
+            out[name] = value
+    return out
+
+
+def _show(value: object) -> str:
+    from pydantic import SecretStr
+
+    from pushfan.stack import redact_url
+
+    if isinstance(value, SecretStr):
+        secret = value.get_secret_value()
+        return redact_url(secret) if "://" in secret else "***"
+    return "" if value is None else str(value)
+
+
+def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from pushfan.up import run_up
+
+    return run_up(settings, exit_after_demo=args.exit_after_demo)
+
+
+def _planned(name: str, issue: int) -> Callable[[argparse.Namespace, Settings], int]:
+    def run(_args: argparse.Namespace, _settings: Settings) -> int:
+        print(f"pushfan {name}: not implemented yet (issue #{issue})", file=sys.stderr)
+        return 2
+
+    return run
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The `pushfan` command as an operator runs it: real processes, real broker and database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pushfan.cli import PLANNED
+
+
+def pushfan(
+    *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pushfan.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_help_lists_every_subcommand(service_env: dict[str, str]) -> None:
+    out = pushfan("--help", env=service_env)
+    assert out.returncode == 0
+    for name in ["migrate", "settings", "up", *PLANNED]:
+        assert name in out.stdout
+
+
+def test_migrate_applies_then_reports_up_to_date(
+    service_env: dict[str, str], empty_database_url: str
+) -> None:
+    env = {**service_env, "DATABASE_URL": empty_database_url}
+    first = pushfan("migrate", env=env)
+    second = pushfan("migrate", env=env)
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr + second.stderr
+    assert "applied 0001_initial" in first.stdout
+    assert second.stdout.strip() == "database is up to date"
+
+
+def test_unreachable_database_is_one_clear_line(service_env: dict[str, str]) -> None:
+    env = {**service_env, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    out = pushfan("migrate", env=env)
+    assert out.returncode == 2
+    assert out.stderr.startswith("pushfan migrate: cannot reach PostgreSQL")
+    assert "Traceback" not in out.stderr
+
+
+def test_a_misspelt_setting_stops_the_command(service_env: dict[str, str]) -> None:
+    out = pushfan("migrate", env={**service_env, "PUSHFAN_KAFKA__BOOTSTRAP": "x"})
+    assert out.returncode == 2
+    assert "PUSHFAN_KAFKA__BOOTSTRAP" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_settings_shows_values_without_secrets(service_env: dict[str, str]) -> None:
+    env = {
+        **service_env,
+        "DATABASE_URL": "postgresql://app:s3cret@db.internal/push",
+        "PUSHFAN_KAFKA__SASL_PASSWORD": "hunter2",
+    }
+    out = pushfan("settings", env=env)
+    assert out.returncode == 0
+    assert "PUSHFAN_DATABASE__URL=postgresql://app:***@db.internal/push" in out.stdout
+    assert "PUSHFAN_KAFKA__SASL_PASSWORD=***" in out.stdout
+    assert "s3cret" not in out.stdout
+    assert "hunter2" not in out.stdout
+
+
+@pytest.mark.parametrize("name", sorted(PLANNED))
+def test_planned_commands_say_they_are_not_there_yet(
+    service_env: dict[str, str], name: str
+) -> None:
+    out = pushfan(name, env=service_env)
+    assert out.returncode == 2
+    assert f"issue #{PLANNED[name][1]}" in out.stderr
+
+
+@pytest.mark.slow
+def test_up_on_the_session_stack_runs_the_demo(service_env: dict[str, str]) -> None:
+    out = pushfan("up", "--exit-after-demo", env=service_env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "applied: 0001_initial" in out.stdout
+    assert "read back (identical)" in out.stdout
+    assert "Kafka broker (external)" in out.stdout
+    assert out.stdout.rstrip().endswith("pushfan up: stopped")
+
+
+@pytest.mark.slow
+def test_up_on_a_fresh_machine_starts_its_own_stack() -> None:
+    # No broker or database given: the embedded ones must start, serve and stop.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PUSHFAN_") and k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
+    }
+    env["PUSHFAN_LOGGING__FORMAT"] = "json"
+    out = pushfan("up", "--exit-after-demo", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "read back (identical)" in out.stdout
+    assert "Kafka broker (tansu)" in out.stdout or "Kafka broker (testcontainers)" in out.stdout
+    assert "PostgreSQL (embedded)" in out.stdout or "PostgreSQL (testcontainers)" in out.stdout
