@@ -1,0 +1,76 @@
+"""Fetch stage: one page of user_ids in, their active tokens and delivery policy out.
+
+One round trip per page, whatever the page holds: the user's per-type opt-out and quiet
+hours ride along on each token row through LEFT JOINs, so the policy stage never queries
+per user. The query reads ``device_tokens_active_user_idx`` (partial on ``is_active``,
+``user_id`` leading, platform/id/token included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import time
+
+import asyncpg
+
+from schemas import Platform
+
+# The joined sides are narrowed by the same ANY($1) so they are read through their primary
+# keys; joined bare, the planner hashes the whole preference tables for every page
+# (measured: 12.9 ms against 2.9 ms a page of 1000 users, 30% of them with quiet hours).
+PAGE_TOKENS_SQL = """
+SELECT t.id,
+       t.user_id,
+       t.platform,
+       t.token,
+       coalesce(np.push_enabled, true) AS push_enabled,
+       up.time_zone,
+       up.quiet_start,
+       up.quiet_end
+  FROM device_tokens t
+  LEFT JOIN (SELECT user_id, push_enabled
+               FROM notification_preferences
+              WHERE user_id = ANY($1::text[]) AND notification_type = $2) np
+         ON np.user_id = t.user_id
+  LEFT JOIN (SELECT user_id, time_zone, quiet_start, quiet_end
+               FROM user_preferences
+              WHERE user_id = ANY($1::text[])) up
+         ON up.user_id = t.user_id
+ WHERE t.user_id = ANY($1::text[])
+   AND t.is_active
+   AND ($3::text[] IS NULL OR t.platform = ANY($3::text[]))
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PageToken:
+    """One active token of a page's user, with that user's policy for this job's type."""
+
+    id: int
+    user_id: str
+    platform: Platform
+    token: str
+    push_enabled: bool
+    time_zone: str | None
+    quiet_start: time | None
+    quiet_end: time | None
+
+    def __repr__(self) -> str:  # never a raw token where a person may read it
+        return f"PageToken(id={self.id}, user_id={self.user_id!r}, platform={self.platform!r})"
+
+
+async def fetch_page_tokens(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    user_ids: Sequence[str],
+    notification_type: str,
+    platforms: Sequence[Platform] | None = None,
+) -> list[PageToken]:
+    """The active tokens of ``user_ids`` (optionally of ``platforms`` only), in one query."""
+    rows = await conn.fetch(
+        PAGE_TOKENS_SQL,
+        list(user_ids),
+        notification_type,
+        None if platforms is None else list(platforms),
+    )
+    return [PageToken(*row) for row in rows]
