@@ -1,0 +1,198 @@
+"""``make bench``: rates and ratios, each against a baseline measured in the same run.
+
+Runs on the same infrastructure as the tests (``KAFKA_BOOTSTRAP_SERVERS`` /
+``DATABASE_URL``, else the embedded broker and PostgreSQL). Nothing here asserts a
+time: it prints figures for people to compare across commits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from pushfan.db import migrate
+from pushfan.kafka import assign_all, make_consumer, make_producer, start_client
+from pushfan.logs import configure_logging
+from pushfan.settings import LoggingSettings, Settings, load_settings
+from pushfan.stack import start_stack
+from schemas import NotificationJob, decode_job
+from worker.tokens import fetch_page_tokens
+
+BARE_PAGE_SQL = """
+SELECT id, user_id, platform, token FROM device_tokens
+ WHERE user_id = ANY($1::text[]) AND is_active
+"""
+
+
+def _job(i: int) -> NotificationJob:
+    now = datetime.now(UTC)
+    return NotificationJob.model_validate(
+        {
+            "job_id": f"bench-{i}-{uuid.uuid4().hex[:8]}",
+            "type": "order_shipped",
+            "audience": {"kind": "user", "user_id": str(i)},
+            "payload": {
+                "title": "Your order has shipped",
+                "body": f"Order {i} is on its way.",
+                "data": {"order_id": str(i), "carrier": "DHL"},
+                "apns": {"collapse_id": f"order-{i}", "sound": "default"},
+                "android": {"channel_id": "orders", "ttl": 3600},
+            },
+            "created_at": now,
+            "expires_at": now + timedelta(hours=1),
+        }
+    )
+
+
+def _rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:>12,.0f}/s"
+
+
+def bench_decode(n: int) -> None:
+    raw = [_job(i).to_bytes() for i in range(n)]
+    t0 = time.perf_counter()
+    for r in raw:
+        json.loads(r)
+    base = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for r in raw:
+        decode_job(r)
+    ours = time.perf_counter() - t0
+    print(
+        f"job decode+validate   {_rate(n, ours)}   json.loads baseline {_rate(n, base)}"
+        f"   ratio {base / ours:.2f}"
+    )
+
+
+async def bench_broker(settings: Settings, n: int) -> None:
+    topic = f"bench.jobs.{uuid.uuid4().hex[:8]}"
+    payloads = [_job(i).to_bytes() for i in range(n)]
+    producer = make_producer(settings.kafka)
+    await start_client(producer, settings.kafka)
+    try:
+        t0 = time.perf_counter()
+        futures = [
+            await producer.send(topic, p, key=str(i).encode()) for i, p in enumerate(payloads)
+        ]
+        await asyncio.gather(*futures)
+        produced = time.perf_counter() - t0
+    finally:
+        await producer.stop()
+    consumer = make_consumer(settings.kafka, group_id=None)
+    await start_client(consumer, settings.kafka)
+    try:
+        await assign_all(consumer, topic)
+        seen = 0
+        t0 = time.perf_counter()
+        while seen < n:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            for records in batches.values():
+                for rec in records:
+                    assert rec.value is not None
+                    decode_job(rec.value)
+                    seen += 1
+        consumed = time.perf_counter() - t0
+    finally:
+        await consumer.stop()
+    avg = sum(map(len, payloads)) / n
+    print(f"broker produce acks=all {_rate(n, produced)}   ({n:,} jobs of {avg:.0f} B)")
+    print(f"broker consume+decode {_rate(n, consumed)}")
+
+
+async def bench_page_query(url: str, users: int, page: int) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await _seed(conn, users)
+        ids = [f"user-{i:08d}" for i in range(users)]
+        pages = [ids[i : i + page] for i in range(0, users, page)]
+
+        async def run(fetch: Callable[[list[str]], Awaitable[int]]) -> tuple[float, int]:
+            t0 = time.perf_counter()
+            tokens = 0
+            for p in pages:
+                tokens += await fetch(p)
+            return time.perf_counter() - t0, tokens
+
+        async def bare(p: list[str]) -> int:
+            return len(await conn.fetch(BARE_PAGE_SQL, p))
+
+        async def with_policy(p: list[str]) -> int:
+            return len(await fetch_page_tokens(conn, p, "marketing"))
+
+        await run(bare)  # warm the cache for both
+        base_s, base_n = await run(bare)
+        ours_s, ours_n = await run(with_policy)
+        assert base_n == ours_n
+        print(
+            f"page query w/ policy  {_rate(ours_n, ours_s)} tokens   bare query "
+            f"{_rate(base_n, base_s)}   ratio {base_s / ours_s:.2f}   "
+            f"({users:,} users, {ours_n:,} tokens, pages of {page})"
+        )
+    finally:
+        await conn.close()
+
+
+async def _seed(conn: asyncpg.Connection, users: int) -> None:
+    rnd = random.Random(7)
+    await conn.execute("TRUNCATE device_tokens, user_preferences, notification_preferences")
+    tokens = []
+    quiet = []
+    prefs = []
+    for i in range(users):
+        uid = f"user-{i:08d}"
+        for d in range(2):
+            platform = "ios" if rnd.random() < 0.45 else "android"
+            tokens.append((f"{uid}-tok-{d}-{uuid.uuid4().hex}", uid, platform, f"{uid}-d{d}"))
+        if rnd.random() < 0.3:
+            quiet.append((uid, "Asia/Tokyo"))
+        if rnd.random() < 0.1:
+            prefs.append((uid, "marketing", False))
+    await conn.copy_records_to_table(
+        "device_tokens", records=tokens, columns=["token", "user_id", "platform", "device_id"]
+    )
+    await conn.executemany(
+        "INSERT INTO user_preferences (user_id, time_zone, quiet_start, quiet_end)"
+        " VALUES ($1, $2, '22:00', '07:00')",
+        quiet,
+    )
+    await conn.copy_records_to_table(
+        "notification_preferences",
+        records=prefs,
+        columns=["user_id", "notification_type", "push_enabled"],
+    )
+    await conn.execute("ANALYZE")
+
+
+async def _main(settings: Settings, args: argparse.Namespace) -> None:
+    url = settings.database.url.get_secret_value()
+    await migrate(url)
+    bench_decode(args.jobs)
+    await bench_broker(settings, args.jobs)
+    await bench_page_query(url, args.users, settings.worker.page_size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="make bench", description=__doc__)
+    parser.add_argument("--jobs", type=int, default=20_000, help="jobs to decode and publish")
+    parser.add_argument("--users", type=int, default=100_000, help="users (2 tokens each)")
+    args = parser.parse_args()
+    configure_logging(LoggingSettings(level="WARNING"))
+    stack = start_stack(purpose="pushfan_bench")
+    try:
+        settings = stack.apply(load_settings())
+        print(f"pushfan bench: broker {stack.broker.kind}, PostgreSQL {stack.database.kind}")
+        asyncio.run(_main(settings, args))
+    finally:
+        stack.close()
+
+
+if __name__ == "__main__":
+    main()
