@@ -185,9 +185,10 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=100_000, help="users (2 tokens each)")
     args = parser.parse_args()
     configure_logging(LoggingSettings(level="WARNING"))
-    stack = start_stack(purpose="pushfan_bench")
+    settings = load_settings()
+    stack = start_stack(settings, purpose="pushfan_bench")
     try:
-        settings = stack.apply(load_settings())
+        settings = stack.apply(settings)
         print(f"pushfan bench: broker {stack.broker.kind}, PostgreSQL {stack.database.kind}")
         asyncio.run(_main(settings, args))
     finally:

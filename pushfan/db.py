@@ -91,15 +91,20 @@ async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[M
             for m in wanted:
                 if m.version in applied:
                     continue
-                async with conn.transaction():
-                    await conn.execute(m.sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name, checksum)"
-                        " VALUES ($1, $2, $3)",
-                        m.version,
-                        m.name,
-                        m.checksum,
-                    )
+                try:
+                    async with conn.transaction():
+                        await conn.execute(m.sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version, name, checksum)"
+                            " VALUES ($1, $2, $3)",
+                            m.version,
+                            m.name,
+                            m.checksum,
+                        )
+                except asyncpg.PostgresError as exc:
+                    raise SetupError(
+                        f"migration {m.version} ({m.name}) failed and was rolled back: {exc}"
+                    ) from exc
                 done.append(m)
             return done
         finally:

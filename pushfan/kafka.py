@@ -7,12 +7,11 @@ idempotence and client ids are decided in one place.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError
 
 from pushfan.errors import SetupError
 from pushfan.settings import KafkaSettings
@@ -97,10 +96,16 @@ async def assign_all(consumer: AIOKafkaConsumer, topic: str) -> None:
     await consumer.seek_to_beginning()
 
 
-async def ensure_topics(
-    settings: KafkaSettings, *, partitions: int = 6, replication_factor: int = 1
-) -> list[str]:
-    """Create pushfan's topics that do not exist yet; return the names created."""
+# CreateTopics error codes that mean the topic is there.
+_TOPIC_OK = {0, 36}  # NONE, TOPIC_ALREADY_EXISTS
+
+
+async def ensure_topics(settings: KafkaSettings) -> list[str]:
+    """Create pushfan's topics that do not exist yet; return the names created.
+
+    Uses ``topic_partitions`` and ``topic_replication_factor``. A topic the broker
+    refuses (authorisation, policy, too few brokers) is a SetupError naming it.
+    """
     topics = settings.topics
     names = [topics.jobs, topics.shards, topics.retry, topics.dead_letter, topics.invalid_tokens]
     admin = AIOKafkaAdminClient(**client_options(settings))
@@ -112,11 +117,21 @@ async def ensure_topics(
         existing = set(await admin.list_topics())
         missing = [n for n in names if n not in existing]
         if missing:
-            # Another process may create them between our list and our create.
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(
-                    [NewTopic(n, partitions, replication_factor) for n in missing]
-                )
+            response = await admin.create_topics(
+                [
+                    NewTopic(n, settings.topic_partitions, settings.topic_replication_factor)
+                    for n in missing
+                ]
+            )
+            # Another process may create one between our list and our create (code 36).
+            failed = [
+                f"{name}: {message or code}"
+                for name, code, *rest in response.topic_errors
+                for message in [rest[0] if rest else None]
+                if code not in _TOPIC_OK
+            ]
+            if failed:
+                raise SetupError(f"Kafka refused to create topics: {'; '.join(failed)}")
         return missing
     finally:
         await admin.close()

@@ -10,6 +10,7 @@ be correlated. Values under token-named keys are replaced whatever they look lik
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -23,13 +24,29 @@ from pushfan.settings import LoggingSettings
 from schemas import token_fingerprint
 
 # Keys whose values are tokens whatever their shape.
-TOKEN_KEYS = frozenset({"token", "tokens", "device_token", "registration_token", "push_token"})
+TOKEN_KEYS = frozenset(
+    {
+        "token",
+        "tokens",
+        "device_token",
+        "registration_token",
+        "push_token",
+        "fid",
+        "fids",
+        "apns_token",
+        "fcm_token",
+    }
+)
+_MAX_DEPTH = 8
 
-# APNs tokens are 32 bytes shown as 64 hex digits. FCM registration tokens are an
-# instance id, a colon and an "APA91b" blob; anything else long and unbroken in the
-# base64url alphabet (web push tokens, future formats) is caught by the last branch.
+# APNs tokens are 32 bytes shown as 64 hex digits (once also as eight space-separated
+# groups in angle brackets). FCM registration tokens are an instance id, a colon and an
+# "APA91b" blob; anything else long and unbroken in the base64url alphabet (web push
+# tokens, future formats) is caught by the last branch. Longer hex runs go too: a token
+# glued to other hex digits is still a token.
 _TOKEN_RE = re.compile(
-    r"(?<![0-9A-Za-z])[0-9A-Fa-f]{64}(?![0-9A-Za-z])"
+    r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{64,}(?![0-9A-Fa-f])"
+    r"|(?:[0-9A-Fa-f]{8} ){7}[0-9A-Fa-f]{8}"
     r"|[A-Za-z0-9_-]{8,}:APA91[A-Za-z0-9_-]{20,}"
     r"|[A-Za-z0-9_:-]{100,}"
 )
@@ -46,30 +63,54 @@ def redact_text(text: str) -> str:
     return _TOKEN_RE.sub(lambda m: mask(m.group(0)), text)
 
 
-def _redact_value(value: Any, *, is_token: bool = False) -> Any:
+def _redact_value(value: Any, *, is_token: bool = False, depth: int = 0) -> Any:
+    if depth > _MAX_DEPTH:
+        return "<nested too deep>"
     if isinstance(value, str):
         return mask(value) if is_token else redact_text(value)
-    if isinstance(value, Mapping):
-        return {
-            k: _redact_value(v, is_token=str(k).lower() in TOKEN_KEYS) for k, v in value.items()
-        }
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_redact_value(v, is_token=is_token) for v in value]
-    if isinstance(value, bytes | bytearray):
-        return _redact_value(bytes(value).decode("utf-8", "replace"), is_token=is_token)
     if value is None or isinstance(value, bool | int | float):
         return value
+    if isinstance(value, Mapping):
+        return {
+            redact_text(str(k)): _redact_value(
+                v, is_token=str(k).lower() in TOKEN_KEYS, depth=depth + 1
+            )
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redact_value(v, is_token=is_token, depth=depth + 1) for v in value]
+    if isinstance(value, bytes | bytearray):
+        text = bytes(value).decode("utf-8", "replace")
+        return _redact_value(text, is_token=is_token, depth=depth + 1)
     # Objects render through str() anyway; redact what that would print.
-    return redact_text(str(value))
+    try:
+        text = str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+    return mask(text) if is_token else redact_text(text)
 
 
 def redact_tokens(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """structlog processor: redact device tokens from every value of the event."""
-    for key in list(event_dict):
-        if key.startswith("_"):  # structlog's own bookkeeping (_record, _from_structlog)
-            continue
-        event_dict[key] = _redact_value(event_dict[key], is_token=key.lower() in TOKEN_KEYS)
+    redacted = {
+        redact_text(key): _redact_value(value, is_token=key.lower() in TOKEN_KEYS)
+        for key, value in event_dict.items()
+    }
+    event_dict.clear()
+    event_dict.update(redacted)
     return event_dict
+
+
+class _Handler(logging.StreamHandler[TextIO]):
+    """A stream handler whose own failures never print a record's raw arguments."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # The standard handler dumps the message and its arguments to stderr, unredacted.
+        with contextlib.suppress(Exception):
+            self.stream.write(
+                f"pushfan: a log record from {record.name} could not be formatted "
+                f"({record.pathname}:{record.lineno})\n"
+            )
 
 
 def _renderer(settings: LoggingSettings, stream: TextIO) -> Processor:
@@ -107,7 +148,7 @@ def configure_logging(settings: LoggingSettings, stream: TextIO | None = None) -
             _renderer(settings, out),
         ],
     )
-    handler = logging.StreamHandler(out)
+    handler = _Handler(out)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -116,6 +157,8 @@ def configure_logging(settings: LoggingSettings, stream: TextIO | None = None) -
     handler._pushfan = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(settings.level)
+    # warnings.warn text could carry a token too; send it through the same redactor.
+    logging.captureWarnings(True)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -58,10 +58,33 @@ class KafkaSettings(_Section):
     )
     sasl_username: str | None = Field(None, description="SASL user name.")
     sasl_password: SecretStr | None = Field(None, description="SASL password (never printed).")
+    topic_partitions: int = Field(
+        12, ge=1, description="Partitions of topics pushfan creates (caps worker parallelism)."
+    )
+    topic_replication_factor: int = Field(
+        3, ge=1, description="Replicas of topics pushfan creates; 1 only for a single broker."
+    )
     topics: TopicSettings = TopicSettings()
+
+    @field_validator("sasl_mechanism", "sasl_username", "sasl_password", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _sasl_needs_a_sasl_protocol(self) -> KafkaSettings:
+        if self.sasl_mechanism is not None and not self.security_protocol.startswith("SASL_"):
+            raise ValueError("sasl_mechanism needs security_protocol SASL_PLAINTEXT or SASL_SSL")
+        return self
 
 
 class DatabaseSettings(_Section):
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> DatabaseSettings:
+        if self.min_pool_size > self.max_pool_size:
+            raise ValueError("min_pool_size must not exceed max_pool_size")
+        return self
+
     url: SecretStr = Field(
         SecretStr("postgresql://postgres@127.0.0.1:5432/pushfan"),
         description="PostgreSQL DSN (also DATABASE_URL).",

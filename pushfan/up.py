@@ -30,7 +30,7 @@ def run_up(settings: Settings, *, exit_after_demo: bool) -> int:
     if settings.logging.level == "INFO":
         logging.getLogger("aiokafka").setLevel(logging.WARNING)
     # Started from the main thread: the broker process is tied to the thread that spawned it.
-    stack = start_stack(purpose="pushfan")
+    stack = start_stack(settings, purpose="pushfan")
     try:
         return asyncio.run(_up(stack.apply(settings), stack, exit_after_demo))
     finally:

@@ -11,6 +11,7 @@ UTC offset. ``python -m schemas.export`` regenerates ``schemas/json/``.
 
 from schemas.common import (
     MAX_PAYLOAD_BYTES,
+    MAX_TOKEN_LENGTH,
     SCHEMA_VERSION,
     AwareDatetime,
     JobId,
@@ -36,6 +37,7 @@ from schemas.job import (
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
+    "MAX_TOKEN_LENGTH",
     "SCHEMA_VERSION",
     "AllAudience",
     "AndroidOptions",

@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
+    "MAX_TOKEN_LENGTH",
     "SCHEMA_VERSION",
     "ApnsPushType",
     "AwareDatetime",
@@ -35,6 +36,8 @@ SCHEMA_VERSION: Final = 1
 """The version every v1 message carries in ``schema_version``."""
 
 MAX_PAYLOAD_BYTES: Final = 4096
+# Real tokens are 64 (APNs) to ~200 (FCM) characters; the database refuses longer than this.
+MAX_TOKEN_LENGTH: Final = 1024
 """Both FCM and APNs cap a notification payload at 4 KiB."""
 
 # Whitespace and C0/C1 control characters in an id are always a producer bug

@@ -6,7 +6,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.common import AwareDatetime, JobId, Platform
+from schemas.common import MAX_TOKEN_LENGTH, AwareDatetime, JobId, Platform
 
 __all__ = ["DeadLetter", "InvalidTokenEvent", "token_fingerprint"]
 
@@ -36,7 +36,7 @@ class InvalidTokenEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     schema_version: Literal[1] = 1
-    token: str = Field(min_length=1, max_length=4096)
+    token: str = Field(min_length=1, max_length=MAX_TOKEN_LENGTH)
     platform: Platform
     reason: str = Field(
         min_length=1,

@@ -9,6 +9,7 @@ two runs against one shared broker or server never see each other's data.
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -21,9 +22,18 @@ from pushfan.settings import LoggingSettings, Settings, load_settings
 from pushfan.stack import Stack, start_stack
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # CI cancels with SIGTERM: make it an interrupt, so the session's teardown still stops
+    # the broker and the database this run started.
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    running = start_stack(purpose="pushfan_test")
+    running = start_stack(load_settings(), purpose="pushfan_test")
     try:
         yield running
     finally:

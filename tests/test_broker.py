@@ -51,16 +51,17 @@ def _job() -> NotificationJob:
 async def test_topics_are_created_once(settings: Settings) -> None:
     kafka = settings.kafka.model_copy(
         update={
+            "topic_partitions": 3,
             "topics": settings.kafka.topics.model_copy(
                 update={
                     name: f"{settings.kafka.topics.jobs}.{name}.{uuid.uuid4().hex[:6]}"
                     for name in type(settings.kafka.topics).model_fields
                 }
-            )
+            ),
         }
     )
-    first = await ensure_topics(kafka, partitions=3)
-    second = await ensure_topics(kafka, partitions=3)
+    first = await ensure_topics(kafka)
+    second = await ensure_topics(kafka)
 
     assert sorted(first) == sorted(kafka.topics.model_dump().values())
     assert second == []

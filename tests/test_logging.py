@@ -112,3 +112,50 @@ def test_console_format_is_redacted_too() -> None:
     assert "hello" in buf.getvalue()
     assert APNS not in buf.getvalue()
     assert mask(APNS) in buf.getvalue()
+
+
+def test_keys_and_underscored_fields_are_redacted(lines: io.StringIO) -> None:
+    get_logger("t").info("x", by_token={APNS: "user-1"}, _private=FCM)
+
+    assert APNS not in lines.getvalue()
+    assert FCM not in lines.getvalue()
+
+
+def test_a_record_that_cannot_be_formatted_prints_no_arguments(lines: io.StringIO) -> None:
+    root = logging.getLogger()
+    # pytest's capture handler re-raises formatting errors; leave only ours attached.
+    others = [h for h in root.handlers if not getattr(h, "_pushfan", False)]
+    for h in others:
+        root.removeHandler(h)
+    try:
+        logging.getLogger("aioapns").info("send %s to %s", APNS)  # one argument short
+    finally:
+        for h in others:
+            root.addHandler(h)
+
+    assert APNS not in lines.getvalue()
+    assert "could not be formatted" in lines.getvalue()
+
+
+def test_stdlib_exc_info_is_redacted(lines: io.StringIO) -> None:
+    try:
+        raise RuntimeError(f"token {APNS} refused")
+    except RuntimeError:
+        logging.getLogger("aiokafka").exception("failed")
+
+    assert APNS not in lines.getvalue()
+    assert mask(APNS) in lines.getvalue()
+
+
+def test_cyclic_and_unprintable_values_do_not_break_logging(lines: io.StringIO) -> None:
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    cycle: list[object] = []
+    cycle.append(cycle)
+    get_logger("t").info("x", c=cycle, o=Unprintable(), token=APNS)
+
+    (record,) = _records(lines)
+    assert record["o"] == "<unprintable Unprintable>"
+    assert APNS not in lines.getvalue()

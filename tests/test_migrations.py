@@ -166,3 +166,17 @@ async def test_the_schema_rejects_impossible_rows(
             "INSERT INTO device_tokens (token, user_id, platform, is_active, deactivated_at) "
             f"VALUES {column_values}"
         )
+
+
+async def test_a_failing_migration_is_named_and_rolled_back(empty_database_url: str) -> None:
+    broken = [*load_migrations()]
+    broken.append(
+        replace(broken[0], version=len(broken) + 1, name="broken", sql="CREATE TABLE x (;")
+    )
+
+    with pytest.raises(SetupError, match=r"migration \d+ \(broken\) failed and was rolled back"):
+        await migrate(empty_database_url, broken)
+
+    # Everything before it stays applied; the broken one left nothing behind.
+    assert await schema_version(empty_database_url) == len(broken) - 1
+    assert "x" not in await _tables(empty_database_url)

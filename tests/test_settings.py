@@ -86,3 +86,24 @@ def test_the_readme_documents_every_setting() -> None:
     names = {name for name, _ in env_names()}
     assert names - documented == set(), "add these to the README's configuration table"
     assert documented - names == set(), "the README names settings that do not exist"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PUSHFAN_DATABASE__MIN_POOL_SIZE": "20"}, "min_pool_size must not exceed"),
+        ({"PUSHFAN_KAFKA__SASL_MECHANISM": "PLAIN"}, "needs security_protocol SASL_"),
+    ],
+)
+def test_inconsistent_settings_are_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        load_settings()
+
+
+def test_an_empty_optional_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PUSHFAN_KAFKA__SASL_MECHANISM", "")
+    assert load_settings().kafka.sasl_mechanism is None

@@ -25,7 +25,9 @@ CREATE TABLE device_tokens (
     deactivation_reason text,
     CONSTRAINT device_tokens_token_key UNIQUE (token),
     CONSTRAINT device_tokens_platform_check CHECK (platform IN ('ios', 'android', 'web')),
-    CONSTRAINT device_tokens_token_length CHECK (length(token) BETWEEN 1 AND 4096),
+    -- Real tokens are 64 (APNs) to ~200 (FCM) characters; 1024 keeps every token under
+    -- the 2704-byte b-tree entry limit of the unique index.
+    CONSTRAINT device_tokens_token_length CHECK (length(token) BETWEEN 1 AND 1024),
     CONSTRAINT device_tokens_user_id_length CHECK (length(user_id) BETWEEN 1 AND 128),
     CONSTRAINT device_tokens_inactive_has_time CHECK (is_active OR deactivated_at IS NOT NULL)
 );
