@@ -12,10 +12,12 @@ import asyncio
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from pushfan import __version__
+from pushfan.emulators.credentials import DEFAULT_STATE_DIR
 from pushfan.errors import SetupError
 from pushfan.logs import configure_logging
 from pushfan.settings import Settings, env_names, load_settings
@@ -28,7 +30,6 @@ PLANNED: dict[str, tuple[str, int]] = {
     "hygiene": ("deactivate tokens unused for the configured time", 4),
     "publish": ("publish a notification job", 7),
     "bridge": ("turn business events (orders shipped) into notification jobs", 7),
-    "emulators": ("serve the FCM and APNs emulators", 3),
     "status": ("show a job's progress and counts", 5),
 }
 
@@ -58,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is done")
     p.set_defaults(run=_cmd_up)
+
+    p = sub.add_parser(
+        "emulators",
+        help="serve the FCM and APNs emulators until Ctrl-C",
+        description="Serve FCM HTTP v1 and APNs emulators over HTTP/2 with TLS, with key"
+        " material (local CA, FCM service account, APNs .p8 key) created on first start.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--fcm-port", type=int, default=8443, help="FCM port (0: any free port)")
+    p.add_argument("--apns-port", type=int, default=8444, help="APNs port (0: any free port)")
+    p.add_argument(
+        "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="where key material lives"
+    )
+    p.set_defaults(run=_cmd_emulators)
 
     for name, (summary, issue) in PLANNED.items():
         p = sub.add_parser(name, help=f"{summary} (not implemented yet: issue #{issue})")
@@ -148,6 +163,28 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from pushfan.up import run_up
 
     return run_up(settings, exit_after_demo=args.exit_after_demo)
+
+
+def _cmd_emulators(args: argparse.Namespace, _settings: Settings) -> int:
+    from pushfan.emulators.runner import describe, start_emulators
+    from pushfan.up import wait_for_stop_signal
+
+    async def serve() -> None:
+        emulators = await start_emulators(
+            args.state_dir, host=args.host, fcm_port=args.fcm_port, apns_port=args.apns_port
+        )
+        try:
+            print(describe(emulators), flush=True)
+            print("\nServing until Ctrl-C.", flush=True)
+            await wait_for_stop_signal()
+        finally:
+            await emulators.stop()
+
+    try:
+        asyncio.run(serve())
+    except OSError as exc:
+        raise SetupError(f"cannot listen: {exc}") from exc
+    return 0
 
 
 def _planned(name: str, issue: int) -> Callable[[argparse.Namespace, Settings], int]:

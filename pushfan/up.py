@@ -1,9 +1,9 @@
 """``pushfan up`` (``make run``): the whole system on embedded defaults, and a demo.
 
 Today it starts the infrastructure (a Kafka-protocol broker and PostgreSQL, see
-:mod:`pushfan.stack`), applies the migrations, creates the topics, and shows a
-notification job travelling through the real broker. The services (worker, registry,
-cleanup, emulators) join this as their issues land.
+:mod:`pushfan.stack`) and the FCM and APNs emulators, applies the migrations, creates
+the topics, and shows a notification job travelling through the real broker. The
+services (worker, registry, cleanup) join this as their issues land.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from pushfan.db import migrate
+from pushfan.emulators.runner import describe, start_emulators
 from pushfan.kafka import assign_all, ensure_topics, make_consumer, make_producer, start_client
 from pushfan.settings import Settings
 from pushfan.stack import Stack, redact_url, start_stack
@@ -43,14 +44,19 @@ async def _up(settings: Settings, stack: Stack, exit_after_demo: bool) -> int:
     created = await ensure_topics(settings.kafka)
     print(f"  migrations applied: {', '.join(f'{m.version:04d}_{m.name}' for m in applied) or '-'}")
     print(f"  topics created:     {', '.join(created) or '-'}")
-    if not await _demo_round_trip(settings):
-        return 1
-    _print_where(settings, stack)
-    if exit_after_demo:
+    emulators = await start_emulators()
+    try:
+        if not await _demo_round_trip(settings):
+            return 1
+        _print_where(settings, stack)
+        print(describe(emulators), flush=True)
+        if exit_after_demo:
+            return 0
+        print("\nServing until Ctrl-C.", flush=True)
+        await wait_for_stop_signal()
         return 0
-    print("\nServing until Ctrl-C.", flush=True)
-    await _wait_for_stop_signal()
-    return 0
+    finally:
+        await emulators.stop()
 
 
 async def _demo_round_trip(settings: Settings) -> bool:
@@ -120,12 +126,14 @@ def _print_where(settings: Settings, stack: Stack) -> None:
         + "".join(f"  {name + ':':<{width}} {value}\n" for name, value in rows)
         + "Point other pushfan commands at it with:\n"
         f"  export KAFKA_BOOTSTRAP_SERVERS={stack.broker.bootstrap_servers}\n"
-        f"  export DATABASE_URL='{redact_url(db)}'",
+        f"  export DATABASE_URL='{redact_url(db)}'\n"
+        "Platform emulators (scriptable; see pushfan/emulators/script.py):",
         flush=True,
     )
 
 
-async def _wait_for_stop_signal() -> None:
+async def wait_for_stop_signal() -> None:
+    """Return once SIGINT or SIGTERM arrives."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

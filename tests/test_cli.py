@@ -29,7 +29,7 @@ def test_help_lists_every_subcommand(service_env: dict[str, str]) -> None:
     out = pushfan("--help", env=service_env)
     assert out.returncode == 0
     listed = set(re.findall(r"^    (\w+)\s", out.stdout, re.MULTILINE))
-    assert listed == {"migrate", "settings", "up", *PLANNED}
+    assert listed == {"migrate", "settings", "up", "emulators", *PLANNED}
 
 
 def test_migrate_applies_then_reports_up_to_date(
@@ -88,6 +88,8 @@ def test_up_on_the_session_stack_runs_the_demo(service_env: dict[str, str]) -> N
     assert "applied: 0001_initial" in out.stdout
     assert "read back (identical)" in out.stdout
     assert "Kafka broker (external)" in out.stdout
+    assert re.search(r"FCM v1 emulator: +https://127\.0\.0\.1:\d+/v1/projects/", out.stdout)
+    assert re.search(r"APNs emulator: +https://127\.0\.0\.1:\d+/3/device/", out.stdout)
     assert out.stdout.rstrip().endswith("pushfan up: stopped")
 
 

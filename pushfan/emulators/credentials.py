@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+DEFAULT_STATE_DIR = Path(".pushfan") / "emulators"
 APNS_KEY_ID = "PUSHFAN001"
 APNS_TEAM_ID = "PUSHFANTM1"
 FCM_PROJECT_ID = "pushfan-demo"

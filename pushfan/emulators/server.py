@@ -305,13 +305,17 @@ class _Connection(asyncio.Protocol):
         if response.body:
             out += conn.send(h11.Data(data=response.body)) or b""
         out += conn.send(h11.EndOfMessage()) or b""
+        transport = self.transport
+
+        def write() -> None:
+            transport.write(out)
+            if close:
+                transport.close()
+
         if response.delay > 0:
-            transport = self.transport
-            asyncio.get_running_loop().call_later(response.delay, transport.write, out)
+            asyncio.get_running_loop().call_later(response.delay, write)
         else:
-            self.transport.write(out)
-        if close:
-            self._close()
+            write()
 
     # -- shared ---------------------------------------------------------------------------
 
