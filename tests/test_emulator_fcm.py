@@ -309,8 +309,9 @@ async def test_payload_validation_over_raw_requests(env: Env) -> None:
         assert error["status"] == "INVALID_ARGUMENT"
         assert error["message"] != INVALID_TOKEN_MESSAGE
         assert [v["field"] for v in violations(resp)] == [field_name]
-    # Just under the limit passes (the limit counts UTF-8 bytes of the encoded message).
-    base = json.dumps({"token": token, "data": {"d": ""}}, separators=(",", ":"))
+    # Exactly at the limit passes: it counts the UTF-8 bytes of the encoded payload, the
+    # target (token, topic...) excluded.
+    base = json.dumps({"data": {"d": ""}}, separators=(",", ":"))
     filler = "x" * (4096 - len(base))
     resp = await env.raw_send({"message": {"token": token, "data": {"d": filler}}})
     assert resp.status_code == 200

@@ -287,7 +287,9 @@ def _validate(message: dict[str, Any]) -> tuple[str, str]:
             f"(type.googleapis.com/google.protobuf.Duration), {json.dumps(ttl)}"
         )
         raise _Invalid(text, "message.android.ttl", "Invalid duration")
-    size = len(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode())
+    # FCM's limit is on the payload: the target (token, topic...) does not count.
+    payload = {k: v for k, v in message.items() if k not in ("token", "fid", "topic", "condition")}
+    size = len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
     if size > MAX_MESSAGE_BYTES:
         text = f"Message size {size} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes"
         raise _Invalid(TOO_BIG_MESSAGE, "message", text)

@@ -13,6 +13,7 @@ in one ``transport.write``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import ssl
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -76,6 +78,7 @@ class _Connection(asyncio.Protocol):
         self.pending: dict[int, tuple[memoryview, bool]] = {}  # stream -> unsent body
         self.served = 0
         self.going_away = False
+        self.goaway_last_stream = 0
         self.connection_id = next(_connection_ids)
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -115,7 +118,14 @@ class _Connection(asyncio.Protocol):
         self.mode = "h2"
         codes = h2.settings.SettingCodes
         conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
+            # Inbound headers stay validated (the emulators judge clients); our own
+            # response headers need no checking.
+            h2.config.H2Configuration(
+                client_side=False,
+                header_encoding=None,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
         )
         conn.local_settings = h2.settings.Settings(
             client=False,
@@ -173,6 +183,12 @@ class _Connection(asyncio.Protocol):
         if stream is None:
             return
         raw_headers, body = stream
+        if self.going_away and stream_id > self.goaway_last_stream:
+            # GOAWAY promised the client these were never processed; keep the promise.
+            assert self.h2 is not None
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
         headers: dict[str, str] = {}
         for name, value in raw_headers:
             headers[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -195,6 +211,7 @@ class _Connection(asyncio.Protocol):
         limit = self.options.goaway_after
         if limit is not None and self.served >= limit and not self.going_away:
             self.going_away = True
+            self.goaway_last_stream = stream_id
             assert self.h2 is not None
             self.h2.close_connection(last_stream_id=stream_id)
 
@@ -212,8 +229,8 @@ class _Connection(asyncio.Protocol):
             headers.append(("content-length", str(len(response.body))))
         try:
             conn.send_headers(stream_id, headers, end_stream=not response.body)
-        except h2.exceptions.StreamClosedError:
-            return  # the client reset the stream meanwhile
+        except h2.exceptions.ProtocolError:
+            return  # the client reset the stream meanwhile (h2 may have forgotten it)
         if response.body:
             self.pending[stream_id] = (memoryview(response.body), True)
             self._h2_send_pending()
