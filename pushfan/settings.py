@@ -10,6 +10,7 @@ Nothing here is read at import time: call :func:`load_settings` once in ``main``
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -103,6 +104,51 @@ class LoggingSettings(_Section):
     )
 
 
+class FcmSettings(_Section):
+    implementation: Literal["lean", "sdk"] = Field(
+        "lean", description="lean: our HTTP/2 sender; sdk: firebase-admin (the reference)."
+    )
+    endpoint: str = Field("https://fcm.googleapis.com", description="FCM HTTP v1 origin.")
+    project_id: str | None = Field(None, description="Firebase project (default: the account's).")
+    credentials_file: Path | None = Field(
+        None, description="Service-account JSON; unset: application default credentials."
+    )
+    access_token: SecretStr | None = Field(
+        None, description="A fixed OAuth2 access token instead (the emulators')."
+    )
+    ca_file: Path | None = Field(None, description="Extra CA to trust (the emulators').")
+    concurrency: int = Field(1000, ge=1, description="Requests in flight per worker.")
+    max_connections: int = Field(4, ge=1, description="HTTP/2 connections per worker.")
+    timeout_s: float = Field(10.0, gt=0, description="Deadline of one request.")
+
+
+class ApnsSettings(_Section):
+    implementation: Literal["lean", "sdk"] = Field(
+        "lean", description="lean: our HTTP/2 sender; sdk: aioapns (the reference)."
+    )
+    endpoint: str = Field(
+        "https://api.push.apple.com", description="APNs origin (sandbox: api.sandbox...)."
+    )
+    key_file: Path | None = Field(None, description="The .p8 provider key.")
+    key_id: str | None = Field(None, description="The key's id (10 characters).")
+    team_id: str | None = Field(None, description="The Apple developer team id.")
+    topic: str | None = Field(None, description="The app's bundle id.")
+    ca_file: Path | None = Field(None, description="Extra CA to trust (the emulators').")
+    token_refresh_s: float = Field(
+        2400, ge=1200, le=3000, description="Provider token re-signed every 20-50 minutes."
+    )
+    concurrency: int = Field(1000, ge=1, description="Requests in flight per worker.")
+    max_connections: int = Field(4, ge=1, description="HTTP/2 connections per worker.")
+    timeout_s: float = Field(10.0, gt=0, description="Deadline of one request.")
+
+
+class RetrySettings(_Section):
+    max_attempts: int = Field(5, ge=1, description="Sends of one message to one token, at most.")
+    max_total_s: float = Field(60.0, gt=0, description="Time budget of those attempts.")
+    base_delay_s: float = Field(0.2, gt=0, description="First backoff ceiling (doubles).")
+    max_delay_s: float = Field(30.0, gt=0, description="Longest wait, Retry-After included.")
+
+
 class WorkerSettings(_Section):
     page_size: int = Field(
         1000, ge=1, le=50_000, description="user_ids resolved per page (one token query each)."
@@ -123,6 +169,9 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     database: DatabaseSettings = DatabaseSettings()
     logging: LoggingSettings = LoggingSettings()
+    fcm: FcmSettings = FcmSettings()
+    apns: ApnsSettings = ApnsSettings()
+    retry: RetrySettings = RetrySettings()
     worker: WorkerSettings = WorkerSettings()
 
     @classmethod

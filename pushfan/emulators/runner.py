@@ -9,6 +9,7 @@ from pushfan.emulators.apns import ApnsEmulator
 from pushfan.emulators.credentials import DEFAULT_STATE_DIR, Credentials, ensure_credentials
 from pushfan.emulators.fcm import FcmEmulator
 from pushfan.emulators.server import HttpServer, Request, Response, ServerOptions
+from pushfan.settings import Settings
 
 DEFAULT_APNS_TOPIC = "com.example.pushfan"
 
@@ -31,6 +32,30 @@ class Emulators:
     @property
     def apns_url(self) -> str:
         return self.apns_server.url
+
+    def apply(self, settings: Settings) -> Settings:
+        """``settings`` with the FCM and APNs senders pointed at these emulators."""
+        c = self.credentials
+        fcm = settings.fcm.model_copy(
+            update={
+                "endpoint": self.fcm_url,
+                "project_id": c.fcm_project_id,
+                "credentials_file": c.fcm_service_account_file,
+                "access_token": None,
+                "ca_file": c.ca_file,
+            }
+        )
+        apns = settings.apns.model_copy(
+            update={
+                "endpoint": self.apns_url,
+                "key_file": c.apns_key_file,
+                "key_id": c.apns_key_id,
+                "team_id": c.apns_team_id,
+                "topic": self.apns_topics[0],
+                "ca_file": c.ca_file,
+            }
+        )
+        return settings.model_copy(update={"fcm": fcm, "apns": apns})
 
     async def stop(self) -> None:
         await self.fcm_server.stop()

@@ -1,0 +1,137 @@
+"""APNs sender: one POST /3/device/{token} per token over pooled HTTP/2 connections.
+
+The provider token (an ES256 JWT) is shared by every connection and re-signed on a fixed
+schedule between 20 and 50 minutes: APNs refuses tokens older than an hour and answers
+TooManyProviderTokenUpdates when a connection changes tokens more often than every 20
+minutes. An ExpiredProviderToken answer (clock skew) re-signs once and re-sends; a second
+one is a configuration error. TooManyRequests backs off only the device concerned: it is
+a per-token QUOTA outcome, and only that token is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+
+import jwt
+
+from schemas import Platform
+from worker.senders.apns_codes import SUSPECT_TOKEN_REASONS, classify
+from worker.senders.base import Message, Outcome, OutcomeKind, retry_after_seconds
+from worker.senders.breaker import ConfigBreaker, guard_batch
+from worker.senders.h2client import H2Error, H2Pool
+
+MIN_REFRESH_S = 20 * 60
+MAX_REFRESH_S = 50 * 60
+
+
+class ProviderToken:
+    """The current APNs provider token, re-signed every ``refresh_s`` seconds."""
+
+    def __init__(
+        self,
+        key_pem: str,
+        key_id: str,
+        team_id: str,
+        *,
+        refresh_s: float = 40 * 60,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not MIN_REFRESH_S <= refresh_s <= MAX_REFRESH_S:
+            raise ValueError("APNs provider tokens must be refreshed every 20 to 50 minutes")
+        self.key_pem = key_pem
+        self.key_id = key_id
+        self.team_id = team_id
+        self.refresh_s = refresh_s
+        self.clock = clock
+        self.signed = 0  # how many tokens were signed (tests check the schedule)
+        self._token = ""
+        self._issued_at = 0.0
+
+    def current(self) -> str:
+        now = self.clock()
+        if not self._token or now - self._issued_at >= self.refresh_s:
+            self._sign(now)
+        return self._token
+
+    def renew(self) -> str:
+        """Sign a new token now (after ExpiredProviderToken)."""
+        self._sign(self.clock())
+        return self._token
+
+    def _sign(self, now: float) -> None:
+        self._token = jwt.encode(
+            {"iss": self.team_id, "iat": int(now)},
+            self.key_pem,
+            algorithm="ES256",
+            headers={"kid": self.key_id},
+        )
+        self._issued_at = now
+        self.signed += 1
+
+
+class ApnsSender:
+    """The lean APNs sender (platform ``ios``)."""
+
+    platform: Platform = "ios"
+
+    def __init__(
+        self,
+        pool: H2Pool,
+        provider_token: ProviderToken,
+        *,
+        concurrency: int = 1000,
+        breaker: ConfigBreaker | None = None,
+    ) -> None:
+        self.pool = pool
+        self.provider_token = provider_token
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.breaker = breaker or ConfigBreaker()
+        self.last_config_error: str | None = None
+
+    async def send(self, tokens: Sequence[str], message: Message) -> list[Outcome]:
+        if self.breaker.is_open:
+            return self.breaker.refuse(len(tokens))
+        bearer = self.provider_token.current()
+        outcomes = list(await asyncio.gather(*(self._one(t, message, bearer) for t in tokens)))
+        expired = [i for i, o in enumerate(outcomes) if o.reason == "ExpiredProviderToken"]
+        if expired:
+            bearer = self.provider_token.renew()
+            redo = await asyncio.gather(*(self._one(tokens[i], message, bearer) for i in expired))
+            for i, outcome in zip(expired, redo, strict=True):
+                outcomes[i] = outcome
+        outcomes, config = guard_batch(outcomes, SUSPECT_TOKEN_REASONS)
+        if config is not None:
+            self.last_config_error = config
+            self.breaker.trip(config)
+        return outcomes
+
+    async def _one(self, token: str, message: Message, bearer: str) -> Outcome:
+        headers = (("authorization", f"bearer {bearer}"), *message.headers)
+        async with self.semaphore:
+            try:
+                response = await self.pool.request(
+                    "POST", f"/3/device/{token}", headers, message.body
+                )
+            except H2Error as exc:
+                return Outcome(OutcomeKind.RETRY, exc.reason.split(" ", 1)[0])
+        if response.status == 200:
+            return classify(200, "")
+        reason, timestamp = "", None
+        try:
+            body = json.loads(response.body)
+            reason = str(body.get("reason", ""))
+            timestamp = int(body["timestamp"]) if "timestamp" in body else None
+        except (ValueError, TypeError, AttributeError):
+            pass
+        return classify(
+            response.status,
+            reason,
+            timestamp_ms=timestamp,
+            retry_after=retry_after_seconds(response.headers),
+        )
+
+    async def close(self) -> None:
+        await self.pool.close()

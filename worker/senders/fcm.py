@@ -1,0 +1,168 @@
+"""FCM HTTP v1 sender: one POST per token over a pooled HTTP/2 connection.
+
+firebase-admin's async path costs ~2 ms a message here (httpx), so this sender speaks
+HTTP/2 itself (:mod:`worker.senders.h2client`) and keeps google-auth only for the OAuth2
+access token. The body is rendered once per job; each request splices its token in.
+
+Access tokens: cached, and refreshed in a worker thread (google-auth's refresh blocks on
+``requests``) a few minutes before they expire, once for all concurrent sends. A 401
+answer refreshes once and re-sends; a second 401 is a configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from schemas import Platform
+from worker.render import fcm_body
+from worker.senders.base import Message, Outcome, OutcomeKind, retry_after_seconds
+from worker.senders.breaker import ConfigBreaker, guard_batch
+from worker.senders.fcm_codes import SUSPECT_TOKEN_CODES, classify_response
+from worker.senders.h2client import H2Error, H2Pool
+
+REFRESH_MARGIN = dt.timedelta(minutes=5)
+
+
+class AccessCredentials(Protocol):
+    """What google-auth credentials offer (service account, ADC, or a static token)."""
+
+    token: str | None
+    expiry: dt.datetime | None
+
+    def refresh(self, request: Any) -> None: ...
+
+
+SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+
+
+def static_credentials(token: str) -> AccessCredentials:
+    """Credentials holding one fixed access token (the emulators' static token)."""
+    from google.oauth2.credentials import Credentials
+
+    creds: AccessCredentials = Credentials(token)  # type: ignore[no-untyped-call]
+    return creds
+
+
+def service_account_credentials(path: str) -> AccessCredentials:
+    """A service account's credentials from its JSON key file."""
+    from google.oauth2 import service_account
+
+    creds: AccessCredentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
+        path, scopes=[SCOPE]
+    )
+    return creds
+
+
+class TokenSource:
+    """The current OAuth2 access token, refreshed off the event loop before it expires."""
+
+    def __init__(
+        self,
+        credentials: AccessCredentials,
+        *,
+        refreshable: bool = True,
+        ca_file: Path | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.refreshable = refreshable
+        self.ca_file = ca_file  # the token endpoint is trusted like the FCM endpoint
+        self.refreshes = 0
+        self._lock = asyncio.Lock()
+
+    def _fresh(self) -> bool:
+        token, expiry = self.credentials.token, self.credentials.expiry
+        if not token:
+            return False
+        if expiry is None:
+            return True
+        # google-auth keeps expiry as a naive UTC datetime.
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        return expiry - REFRESH_MARGIN > now
+
+    async def token(self, *, force: bool = False) -> str:
+        if not force and self._fresh():
+            return self.credentials.token or ""
+        async with self._lock:
+            if (force or not self._fresh()) and self.refreshable:
+                await asyncio.to_thread(self._refresh)
+                self.refreshes += 1
+        return self.credentials.token or ""
+
+    def _refresh(self) -> None:
+        from google.auth.transport.requests import Request
+
+        ca_file = self.ca_file
+
+        class _Trusting(Request):
+            # Per request: requests lets REQUESTS_CA_BUNDLE override a session's verify.
+            def __call__(self, *args: Any, **kwargs: Any) -> Any:
+                if ca_file is not None:
+                    kwargs.setdefault("verify", str(ca_file))
+                return super().__call__(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+        self.credentials.refresh(_Trusting())
+
+
+class FcmSender:
+    """The lean FCM sender (platform ``android``; web tokens go through FCM too)."""
+
+    platform: Platform = "android"
+
+    def __init__(
+        self,
+        pool: H2Pool,
+        project_id: str,
+        tokens: TokenSource,
+        *,
+        concurrency: int = 1000,
+        breaker: ConfigBreaker | None = None,
+    ) -> None:
+        self.pool = pool
+        self.path = f"/v1/projects/{project_id}/messages:send"
+        self.tokens = tokens
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.breaker = breaker or ConfigBreaker()
+        self.last_config_error: str | None = None
+
+    async def send(self, tokens: Sequence[str], message: Message) -> list[Outcome]:
+        if self.breaker.is_open:
+            return self.breaker.refuse(len(tokens))
+        bearer = await self.tokens.token()
+        outcomes = list(await asyncio.gather(*(self._one(t, message, bearer) for t in tokens)))
+        if any(o.reason == "UNAUTHENTICATED" for o in outcomes):
+            # The token may have been revoked early: refresh once and re-send those.
+            bearer = await self.tokens.token(force=True)
+            again = [i for i, o in enumerate(outcomes) if o.reason == "UNAUTHENTICATED"]
+            redo = await asyncio.gather(*(self._one(tokens[i], message, bearer) for i in again))
+            for i, outcome in zip(again, redo, strict=True):
+                outcomes[i] = outcome
+        outcomes, config = guard_batch(outcomes, SUSPECT_TOKEN_CODES)
+        if config is not None:
+            self.last_config_error = config
+            self.breaker.trip(config)
+        return outcomes
+
+    async def _one(self, token: str, message: Message, bearer: str) -> Outcome:
+        headers = (("authorization", f"Bearer {bearer}"), *message.headers)
+        async with self.semaphore:
+            try:
+                response = await self.pool.request(
+                    "POST", self.path, headers, fcm_body(message, token)
+                )
+            except H2Error as exc:
+                return Outcome(OutcomeKind.RETRY, exc.reason.split(" ", 1)[0])
+        if response.status == 200:
+            return classify_response(200, None, None)
+        try:
+            body: object = json.loads(response.body)
+        except ValueError:
+            body = None
+        return classify_response(response.status, body, retry_after_seconds(response.headers))
+
+    async def close(self) -> None:
+        await self.pool.close()
