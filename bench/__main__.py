@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from bench.senders import run as bench_senders
 from pushfan.db import migrate
 from pushfan.kafka import assign_all, make_consumer, make_producer, start_client
 from pushfan.logs import configure_logging
@@ -183,6 +184,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__)
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs to decode and publish")
     parser.add_argument("--users", type=int, default=100_000, help="users (2 tokens each)")
+    parser.add_argument("--sends", type=int, default=20_000, help="tokens per lean sender")
+    parser.add_argument(
+        "--baseline-sends", type=int, default=2_000, help="tokens per SDK baseline sender"
+    )
     args = parser.parse_args()
     configure_logging(LoggingSettings(level="WARNING"))
     settings = load_settings()
@@ -193,6 +198,8 @@ def main() -> None:
         asyncio.run(_main(settings, args))
     finally:
         stack.close()
+    # Senders last: they pin this process to one core and the emulators to the other.
+    bench_senders(args.sends, args.baseline_sends)
 
 
 if __name__ == "__main__":
