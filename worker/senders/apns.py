@@ -20,7 +20,7 @@ import jwt
 from schemas import Platform
 from worker.senders.apns_codes import SUSPECT_TOKEN_REASONS, classify
 from worker.senders.base import Message, Outcome, OutcomeKind, retry_after_seconds
-from worker.senders.breaker import ConfigBreaker, guard_batch
+from worker.senders.breaker import ConfigBreaker, send_batch
 from worker.senders.h2client import H2Error, H2Pool
 
 MIN_REFRESH_S = 20 * 60
@@ -92,20 +92,22 @@ class ApnsSender:
         self.last_config_error: str | None = None
 
     async def send(self, tokens: Sequence[str], message: Message) -> list[Outcome]:
-        if self.breaker.is_open:
-            return self.breaker.refuse(len(tokens))
-        bearer = self.provider_token.current()
-        outcomes = list(await asyncio.gather(*(self._one(t, message, bearer) for t in tokens)))
-        expired = [i for i, o in enumerate(outcomes) if o.reason == "ExpiredProviderToken"]
-        if expired:
-            bearer = self.provider_token.renew()
-            redo = await asyncio.gather(*(self._one(tokens[i], message, bearer) for i in expired))
-            for i, outcome in zip(expired, redo, strict=True):
-                outcomes[i] = outcome
-        outcomes, config = guard_batch(outcomes, SUSPECT_TOKEN_REASONS)
-        if config is not None:
-            self.last_config_error = config
-            self.breaker.trip(config)
+        async def current() -> str:
+            return self.provider_token.current()
+
+        async def renew() -> str:
+            return self.provider_token.renew()
+
+        outcomes, config = await send_batch(
+            tokens,
+            lambda token, bearer: self._one(token, message, bearer),
+            credential=current,
+            renew_on="ExpiredProviderToken",
+            renew=renew,
+            suspects=SUSPECT_TOKEN_REASONS,
+            breaker=self.breaker,
+        )
+        self.last_config_error = config or self.last_config_error
         return outcomes
 
     async def _one(self, token: str, message: Message, bearer: str) -> Outcome:

@@ -13,9 +13,10 @@ Two guards, shared by every sender:
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from worker.senders.base import Outcome, OutcomeKind
 
@@ -73,3 +74,37 @@ class ConfigBreaker:
     def refuse(self, n: int) -> list[Outcome]:
         """What an open breaker answers for ``n`` tokens, without sending."""
         return [Outcome(OutcomeKind.CONFIG_ERROR, self.reason or "CONFIG")] * n
+
+
+async def send_batch(
+    tokens: Sequence[str],
+    one: Callable[[str, str], Awaitable[Outcome]],
+    *,
+    credential: Callable[[], Awaitable[str]],
+    renew_on: str,
+    renew: Callable[[], Awaitable[str]],
+    suspects: frozenset[str],
+    breaker: ConfigBreaker,
+) -> tuple[list[Outcome], str | None]:
+    """The batch step every sender shares.
+
+    Send to every token with ``await credential()`` (``one(token, credential)``), unless
+    the breaker is open; tokens answered
+    ``renew_on`` (our credential expired or was revoked early) are re-sent once with a
+    renewed one; then :func:`guard_batch`, tripping ``breaker`` on a configuration error.
+    Returns the outcomes and the configuration error's reason, if any.
+    """
+    if breaker.is_open:
+        return breaker.refuse(len(tokens)), breaker.reason
+    current = await credential()
+    outcomes = list(await asyncio.gather(*(one(t, current) for t in tokens)))
+    again = [i for i, o in enumerate(outcomes) if o.reason == renew_on]
+    if again:
+        fresh = await renew()
+        redo = await asyncio.gather(*(one(tokens[i], fresh) for i in again))
+        for i, outcome in zip(again, redo, strict=True):
+            outcomes[i] = outcome
+    outcomes, config = guard_batch(outcomes, suspects)
+    if config is not None:
+        breaker.trip(config)
+    return outcomes, config

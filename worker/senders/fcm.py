@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from schemas import Platform
 from worker.render import fcm_body
 from worker.senders.base import Message, Outcome, OutcomeKind, retry_after_seconds
-from worker.senders.breaker import ConfigBreaker, guard_batch
+from worker.senders.breaker import ConfigBreaker, send_batch
 from worker.senders.fcm_codes import SUSPECT_TOKEN_CODES, classify_response
 from worker.senders.h2client import H2Error, H2Pool
 
@@ -130,21 +130,20 @@ class FcmSender:
         self.last_config_error: str | None = None
 
     async def send(self, tokens: Sequence[str], message: Message) -> list[Outcome]:
-        if self.breaker.is_open:
-            return self.breaker.refuse(len(tokens))
-        bearer = await self.tokens.token()
-        outcomes = list(await asyncio.gather(*(self._one(t, message, bearer) for t in tokens)))
-        if any(o.reason == "UNAUTHENTICATED" for o in outcomes):
-            # The token may have been revoked early: refresh once and re-send those.
-            bearer = await self.tokens.token(force=True)
-            again = [i for i, o in enumerate(outcomes) if o.reason == "UNAUTHENTICATED"]
-            redo = await asyncio.gather(*(self._one(tokens[i], message, bearer) for i in again))
-            for i, outcome in zip(again, redo, strict=True):
-                outcomes[i] = outcome
-        outcomes, config = guard_batch(outcomes, SUSPECT_TOKEN_CODES)
-        if config is not None:
-            self.last_config_error = config
-            self.breaker.trip(config)
+        async def renew() -> str:
+            # The token may have been revoked before its expiry: refresh once.
+            return await self.tokens.token(force=True)
+
+        outcomes, config = await send_batch(
+            tokens,
+            lambda token, bearer: self._one(token, message, bearer),
+            credential=self.tokens.token,
+            renew_on="UNAUTHENTICATED",
+            renew=renew,
+            suspects=SUSPECT_TOKEN_CODES,
+            breaker=self.breaker,
+        )
+        self.last_config_error = config or self.last_config_error
         return outcomes
 
     async def _one(self, token: str, message: Message, bearer: str) -> Outcome:
