@@ -14,13 +14,11 @@ import asyncio
 import datetime as dt
 import json
 import re
-import threading
 import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import firebase_admin
@@ -32,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from firebase_admin import credentials as fb_credentials
 from firebase_admin import exceptions, messaging
 
-from pushfan.emulators.credentials import Credentials, ensure_credentials
+from pushfan.emulators.credentials import Credentials
 from pushfan.emulators.fcm import (
     INVALID_TOKEN_MESSAGE,
     JWT_BEARER,
@@ -41,6 +39,7 @@ from pushfan.emulators.fcm import (
     FcmEmulator,
 )
 from pushfan.emulators.server import HttpServer, Request
+from tests.firebase_emulator import threaded_fcm
 
 PROJECT = "pushfan-demo"
 MESSAGE_NAME = re.compile(rf"projects/{PROJECT}/messages/\d{{16,}}")
@@ -95,63 +94,10 @@ class Env:
             )
 
 
-async def _close_app(app: Any) -> None:
-    service = messaging._get_messaging_service(app)
-    await service._async_client.aclose()  # in the loop its connections belong to
-    # delete_app() runs asyncio.run(aclose()) (a no-op now): not allowed inside a loop.
-    await asyncio.to_thread(firebase_admin.delete_app, app)
-
-
-class ThreadedServer:
-    """An :class:`HttpServer` on its own event loop in a thread.
-
-    Needed because firebase-admin's async path fetches the OAuth token with blocking
-    ``requests`` inside the event loop: an emulator on that same loop could never answer
-    (the send hangs until the 120 s read timeout). Tests touch the emulator's script
-    only while no request is in flight.
-    """
-
-    def __init__(self, server: HttpServer) -> None:
-        self.server = server
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
 async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    directory: Path = tmp_path_factory.mktemp("fcm-emulator")
-    # TLS material is needed before the port is known; the token_uri is fixed up after.
-    creds = ensure_credentials(directory, token_uri="https://127.0.0.1:1/token")
-    emulators: list[FcmEmulator] = []
-    server = HttpServer(lambda r: emulators[0].handle(r), ssl_context=creds.server_ssl_context())
-    threaded = ThreadedServer(server)
-    threaded.start()
-    creds = ensure_credentials(directory, token_uri=f"{server.url}/token")
-    emulators.append(FcmEmulator(creds))
-    state = Env(creds, emulators[0], server)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            url = f"{server.url}/v1/projects/{{0}}/messages:send"
-            mp.setattr(messaging._MessagingService, "FCM_URL", url)
-            mp.setenv("SSL_CERT_FILE", str(creds.ca_file))
-            mp.setenv("REQUESTS_CA_BUNDLE", str(creds.ca_file))
-            try:
-                yield state
-            finally:
-                for app in state.apps:
-                    await _close_app(app)
-    finally:
-        threaded.stop()
+    async with threaded_fcm(tmp_path_factory.mktemp("fcm-emulator")) as fcm:
+        yield Env(fcm.creds, fcm.emulator, fcm.server, fcm.apps)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import asyncio
 import dataclasses
 import json
 import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -39,6 +38,7 @@ from pushfan.emulators.credentials import Credentials, ensure_credentials
 from pushfan.emulators.fcm import STATIC_TOKEN, FcmEmulator
 from pushfan.emulators.server import HttpServer, Request, Response
 from schemas import NotificationJob
+from tests.firebase_emulator import threaded_fcm
 from worker.render import fcm_body, render_apns, render_fcm
 from worker.retry import RetryPolicy
 from worker.senders import apns_sdk, fcm_sdk
@@ -96,25 +96,6 @@ class Recorder:
 # == FCM =====================================================================================
 
 
-class ThreadedServer:
-    """An :class:`HttpServer` on its own event loop in a thread (see the module doc)."""
-
-    def __init__(self, server: HttpServer) -> None:
-        self.server = server
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 @dataclass
 class Fcm:
     creds: Credentials
@@ -139,37 +120,16 @@ class Fcm:
         return self.emulator.script
 
 
-async def _close_app(app: Any) -> None:
-    await FcmSdkSender(app).close()  # in the loop its connections belong to
-    # delete_app() runs asyncio.run(aclose()) (a no-op now): not allowed inside a loop.
-    await asyncio.to_thread(firebase_admin.delete_app, app)
-
-
 @pytest.fixture(scope="module")
 async def fcm(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fcm]:
-    directory: Path = tmp_path_factory.mktemp("fcm-sdk")
-    creds = ensure_credentials(directory, token_uri="https://127.0.0.1:1/token")
     recorder = Recorder()
-    server = HttpServer(recorder, ssl_context=creds.server_ssl_context())
-    threaded = ThreadedServer(server)
-    threaded.start()
-    creds = ensure_credentials(directory, token_uri=f"{server.url}/token")
-    emulator = FcmEmulator(creds)
-    recorder.handle = emulator.handle
-    env = Fcm(creds, emulator, server, recorder)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            url = f"{server.url}/v1/projects/{{0}}/messages:send"
-            mp.setattr(messaging._MessagingService, "FCM_URL", url)
-            mp.setenv("SSL_CERT_FILE", str(creds.ca_file))
-            mp.setenv("REQUESTS_CA_BUNDLE", str(creds.ca_file))
-            try:
-                yield env
-            finally:
-                for app in env.apps:
-                    await _close_app(app)
-    finally:
-        threaded.stop()
+
+    def record(handle: Callable[[Request], Response]) -> Recorder:
+        recorder.handle = handle
+        return recorder
+
+    async with threaded_fcm(tmp_path_factory.mktemp("fcm-sdk"), record) as fcm:
+        yield Fcm(fcm.creds, fcm.emulator, fcm.server, recorder, fcm.apps)
 
 
 @pytest.fixture(scope="module")
