@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -22,10 +21,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
 from pushfan.emulators.credentials import Credentials
+from pushfan.emulators.runner import emulators_command, read_announcement
 from schemas import NotificationJob
 from worker.render import render_apns, render_fcm
 from worker.senders.apns import ApnsSender, ProviderToken
@@ -65,33 +66,18 @@ class EmulatorProcess:
 
 def start_emulator_process(cpu: int | None) -> EmulatorProcess:
     state = Path(tempfile.mkdtemp(prefix="pushfan-bench-em-"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "pushfan.cli",
-        "emulators",
-        "--fcm-port",
-        "0",
-        "--apns-port",
-        "0",
-        "--state-dir",
-        str(state),
-    ]
+    cmd = emulators_command(state)
     if cpu is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(cpu), *cmd]
     env = {**os.environ, "PUSHFAN_LOGGING__LEVEL": "WARNING"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
-    text = ""
-    for line in proc.stdout:
-        text += line
-        if "Serving until Ctrl-C" in line:
-            break
-    ports = [int(p) for p in re.findall(r"https://127\.0\.0\.1:(\d+)/_emulator/deliveries", text)]
-    if len(ports) != 2:
+    try:
+        _, fcm_url, apns_url = read_announcement(proc.stdout)
+    except RuntimeError:
         proc.kill()
-        raise RuntimeError(f"emulators did not start: {text}")
-    return EmulatorProcess(proc, state, ports[0], ports[1])
+        raise
+    return EmulatorProcess(proc, state, urlsplit(fcm_url).port or 0, urlsplit(apns_url).port or 0)
 
 
 def _job() -> NotificationJob:

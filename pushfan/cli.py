@@ -166,7 +166,7 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_emulators(args: argparse.Namespace, _settings: Settings) -> int:
-    from pushfan.emulators.runner import describe, start_emulators
+    from pushfan.emulators.runner import SERVING, describe, start_emulators
     from pushfan.up import wait_for_stop_signal
 
     async def serve() -> None:
@@ -175,7 +175,7 @@ def _cmd_emulators(args: argparse.Namespace, _settings: Settings) -> int:
         )
         try:
             print(describe(emulators), flush=True)
-            print("\nServing until Ctrl-C.", flush=True)
+            print(f"\n{SERVING}", flush=True)
             await wait_for_stop_signal()
         finally:
             await emulators.stop()

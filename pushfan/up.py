@@ -17,7 +17,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from pushfan.db import migrate
-from pushfan.emulators.runner import describe, start_emulators
+from pushfan.emulators.runner import SERVING, describe, start_emulators
 from pushfan.kafka import assign_all, ensure_topics, make_consumer, make_producer, start_client
 from pushfan.settings import Settings
 from pushfan.stack import Stack, redact_url, start_stack
@@ -52,7 +52,7 @@ async def _up(settings: Settings, stack: Stack, exit_after_demo: bool) -> int:
         print(describe(emulators), flush=True)
         if exit_after_demo:
             return 0
-        print("\nServing until Ctrl-C.", flush=True)
+        print(f"\n{SERVING}", flush=True)
         await wait_for_stop_signal()
         return 0
     finally:

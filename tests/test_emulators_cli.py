@@ -7,26 +7,16 @@ import re
 import signal
 import ssl
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 
+from pushfan.emulators.runner import emulators_command, read_announcement
+
 
 def test_serves_both_emulators_until_sigterm(tmp_path: Path, service_env: dict[str, str]) -> None:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pushfan.cli",
-            "emulators",
-            "--fcm-port",
-            "0",
-            "--apns-port",
-            "0",
-            "--state-dir",
-            str(tmp_path),
-        ],
+        emulators_command(tmp_path),
         env=service_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -34,14 +24,9 @@ def test_serves_both_emulators_until_sigterm(tmp_path: Path, service_env: dict[s
     )
     try:
         assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "Serving until Ctrl-C" in line:
-                break
-        text = "".join(lines)
-        urls = re.findall(r"(https://127\.0\.0\.1:\d+)/_emulator/deliveries", text)
-        assert len(urls) == 2, text
+        _, fcm_url, apns_url = read_announcement(proc.stdout)
+        urls = [fcm_url, apns_url]
+        assert all(re.fullmatch(r"https://127\.0\.0\.1:\d+", url) for url in urls), urls
         ca = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
         assert (tmp_path / "apns-key.p8").exists()
         account = json.loads((tmp_path / "fcm-service-account.json").read_text())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,3 +134,37 @@ def describe(emulators: Emulators) -> str:
     ]
     width = max(len(name) for name, _ in rows) + 1
     return "\n".join(f"  {name + ':':<{width}} {value}" for name, value in rows)
+
+
+SERVING = "Serving until Ctrl-C."
+_CONTROL_URL = re.compile(r"(https://\S+?)/_emulator/deliveries")
+
+
+def emulators_command(state_dir: Path) -> list[str]:
+    """``pushfan emulators`` on free ports, as a separate process runs it."""
+    return [
+        sys.executable,
+        "-m",
+        "pushfan.cli",
+        "emulators",
+        "--fcm-port",
+        "0",
+        "--apns-port",
+        "0",
+        "--state-dir",
+        str(state_dir),
+    ]
+
+
+def read_announcement(lines: Iterable[str]) -> tuple[str, str, str]:
+    """Read what ``pushfan emulators`` prints up to :data:`SERVING`; return the text and
+    the FCM and APNs base URLs (from the control-API line of :func:`describe`)."""
+    text = ""
+    for line in lines:
+        text += line
+        if SERVING in line:
+            break
+    urls = _CONTROL_URL.findall(text)
+    if len(urls) != 2:
+        raise RuntimeError(f"the emulators did not announce themselves: {text}")
+    return text, urls[0], urls[1]
