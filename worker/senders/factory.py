@@ -44,6 +44,17 @@ def _tls(ca_file: object) -> ssl.SSLContext:
     return ctx
 
 
+def _pool(s: FcmSettings | ApnsSettings) -> H2Pool:
+    host, port = _origin(s.endpoint)
+    return H2Pool(
+        host,
+        port,
+        ssl_context=_tls(s.ca_file),
+        max_connections=s.max_connections,
+        timeout_s=s.timeout_s,
+    )
+
+
 def _fcm_credentials(s: FcmSettings) -> tuple[AccessCredentials, str, bool]:
     """Credentials, project id, and whether they can refresh themselves."""
     if s.access_token is not None:
@@ -70,15 +81,8 @@ def _fcm_credentials(s: FcmSettings) -> tuple[AccessCredentials, str, bool]:
 
 def lean_fcm(settings: Settings) -> Sender:
     s = settings.fcm
-    host, port = _origin(s.endpoint)
+    pool = _pool(s)
     creds, project, refreshable = _fcm_credentials(s)
-    pool = H2Pool(
-        host,
-        port,
-        ssl_context=_tls(s.ca_file),
-        max_connections=s.max_connections,
-        timeout_s=s.timeout_s,
-    )
     source = TokenSource(creds, refreshable=refreshable, ca_file=s.ca_file)
     return FcmSender(pool, project, source, concurrency=s.concurrency)
 
@@ -101,20 +105,13 @@ def _apns_key(s: ApnsSettings) -> tuple[str, str, str, str]:
 
 def lean_apns(settings: Settings) -> Sender:
     s = settings.apns
-    host, port = _origin(s.endpoint)
+    pool = _pool(s)  # endpoint and CA first, as for FCM
     key, key_id, team_id, _topic = _apns_key(s)
     token = ProviderToken(key, key_id, team_id, refresh_s=s.token_refresh_s)
     try:
         token.current()  # a key that cannot sign is a setup error, found now
     except Exception as exc:
         raise SetupError(f"the APNs key cannot sign ES256 tokens: {exc}") from exc
-    pool = H2Pool(
-        host,
-        port,
-        ssl_context=_tls(s.ca_file),
-        max_connections=s.max_connections,
-        timeout_s=s.timeout_s,
-    )
     return ApnsSender(pool, token, concurrency=s.concurrency)
 
 
