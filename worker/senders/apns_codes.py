@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from worker.senders.base import DELIVERED, Outcome, OutcomeKind
+from worker.senders.base import DELIVERED, Outcome, OutcomeKind, outcome_by_status
 
 # The token is dead. BadDeviceToken and DeviceTokenNotForTopic are per token too, but on
 # most of a batch they mean we talk to the wrong environment (sandbox tokens sent to
@@ -68,10 +68,4 @@ def classify(
         return Outcome(OutcomeKind.CONFIG_ERROR, reason)
     if reason in PERMANENT_REASONS:
         return Outcome(OutcomeKind.PERMANENT, reason)
-    if status == 429:
-        return Outcome(OutcomeKind.QUOTA, reason or "HTTP_429", retry_after)
-    if status >= 500:
-        return Outcome(OutcomeKind.RETRY, reason or f"HTTP_{status}", retry_after)
-    if status in (401, 403):
-        return Outcome(OutcomeKind.CONFIG_ERROR, reason or f"HTTP_{status}")
-    return Outcome(OutcomeKind.PERMANENT, reason or f"HTTP_{status}")
+    return outcome_by_status(status, reason, retry_after)

@@ -55,6 +55,19 @@ class Outcome:
 DELIVERED = Outcome(OutcomeKind.DELIVERED)
 
 
+def outcome_by_status(status: int, reason: str, retry_after: float | None) -> Outcome:
+    """For an answer whose code we do not know: the HTTP status decides, and the token
+    is never blamed (429 quota, 5xx retry, 401/403 our configuration, else permanent)."""
+    reason = reason or f"HTTP_{status}"
+    if status == 429:
+        return Outcome(OutcomeKind.QUOTA, reason, retry_after)
+    if status >= 500:
+        return Outcome(OutcomeKind.RETRY, reason, retry_after)
+    if status in (401, 403):
+        return Outcome(OutcomeKind.CONFIG_ERROR, reason)
+    return Outcome(OutcomeKind.PERMANENT, reason)
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One notification rendered for one platform, to be sent to many tokens.

@@ -7,7 +7,7 @@ the canonical ``error.status``, as firebase-admin reads them.
 
 from __future__ import annotations
 
-from worker.senders.base import DELIVERED, Outcome, OutcomeKind
+from worker.senders.base import DELIVERED, Outcome, OutcomeKind, outcome_by_status
 
 # The token is dead: the app was uninstalled, or the token expired or was revoked.
 DEAD_TOKEN_CODES = frozenset({"UNREGISTERED"})
@@ -52,19 +52,7 @@ def classify(
         return Outcome(OutcomeKind.RETRY, code, retry_after)
     if code in CONFIG_CODES:
         return Outcome(OutcomeKind.CONFIG_ERROR, code)
-    return _by_status(status, code, retry_after)
-
-
-def _by_status(status: int, code: str, retry_after: float | None) -> Outcome:
-    """A code we do not know: the HTTP status decides; never blame the token."""
-    reason = code or f"HTTP_{status}"
-    if status == 429:
-        return Outcome(OutcomeKind.QUOTA, reason, retry_after)
-    if status >= 500:
-        return Outcome(OutcomeKind.RETRY, reason, retry_after)
-    if status in (401, 403):
-        return Outcome(OutcomeKind.CONFIG_ERROR, reason)
-    return Outcome(OutcomeKind.PERMANENT, reason)
+    return outcome_by_status(status, code, retry_after)
 
 
 def classify_response(status: int, body: object, retry_after: float | None) -> Outcome:
@@ -74,7 +62,7 @@ def classify_response(status: int, body: object, retry_after: float | None) -> O
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
         # Not FCM's JSON: a proxy or load balancer answered.
-        return _by_status(status, "", retry_after)
+        return outcome_by_status(status, "", retry_after)
     code = str(error.get("status") or "")
     fields: set[str] = set()
     for detail in error.get("details") or ():
