@@ -1,0 +1,262 @@
+"""HTTP/2 on the wire (RFC 9113, RFC 7541): frames and header blocks, nothing more.
+
+Shared by the senders' connection pool and the emulators' server. They work on frames
+directly because a general state machine (``h2``) costs ~150 us a request on each side,
+which caps a core at a few thousand requests a second; this codec costs a few us.
+
+What is here:
+
+- :func:`frame` builds one frame; :class:`FrameReader` cuts received bytes into frames
+  and rejects a frame longer than the size we advertised.
+- :class:`HeaderEncoder` writes header blocks with literal fields that are never indexed
+  (plus exact static-table matches), so a block depends on nothing but its fields and
+  can be cached and concatenated; the peer's dynamic table is never touched.
+- :class:`HeaderDecoder` decodes with ``hpack`` (peers do index and Huffman-code their
+  headers) and remembers blocks whose decoding left the dynamic table as it was: a
+  server answering the same way again sends the same bytes, decoded once.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+
+import hpack
+from hpack.table import HeaderTable
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# frame types
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
+PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x5, 0x6, 0x7, 0x8, 0x9
+
+# flags
+END_STREAM = 0x1
+ACK = 0x1
+END_HEADERS = 0x4
+PADDED = 0x8
+PRIORITY_FLAG = 0x20
+
+# settings
+HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
+INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
+
+# error codes
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
+COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
+ERROR_NAMES = {
+    0x0: "NO_ERROR",
+    0x1: "PROTOCOL_ERROR",
+    0x2: "INTERNAL_ERROR",
+    0x3: "FLOW_CONTROL_ERROR",
+    0x4: "SETTINGS_TIMEOUT",
+    0x5: "STREAM_CLOSED",
+    0x6: "FRAME_SIZE_ERROR",
+    0x7: "REFUSED_STREAM",
+    0x8: "CANCEL",
+    0x9: "COMPRESSION_ERROR",
+    0xA: "CONNECT_ERROR",
+    0xB: "ENHANCE_YOUR_CALM",
+    0xC: "INADEQUATE_SECURITY",
+    0xD: "HTTP_1_1_REQUIRED",
+}
+
+DEFAULT_WINDOW = 65_535
+DEFAULT_FRAME_SIZE = 16_384
+MAX_WINDOW = (1 << 31) - 1
+MAX_STREAM_ID = (1 << 31) - 1
+
+_HEADER = struct.Struct(">BHBBL")  # length as 1+2 bytes, type, flags, stream id
+_U32 = struct.Struct(">L")
+_SETTING = struct.Struct(">HL")
+
+
+class ConnectionError_(Exception):
+    """The peer broke the protocol: answer with GOAWAY ``code`` and close."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    """One frame: the 9-byte header followed by ``payload``."""
+    size = len(payload)
+    return _HEADER.pack(size >> 16, size & 0xFFFF, kind, flags, stream_id) + payload
+
+
+def settings_frame(values: dict[int, int]) -> bytes:
+    return frame(SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in values.items()))
+
+
+def window_update(stream_id: int, increment: int) -> bytes:
+    return frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(increment))
+
+
+def rst_stream(stream_id: int, code: int) -> bytes:
+    return frame(RST_STREAM, 0, stream_id, _U32.pack(code))
+
+
+def goaway(last_stream_id: int, code: int, debug: bytes = b"") -> bytes:
+    return frame(GOAWAY, 0, 0, _U32.pack(last_stream_id) + _U32.pack(code) + debug)
+
+
+def parse_settings(payload: bytes) -> dict[int, int]:
+    if len(payload) % 6:
+        raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+    values = dict(_SETTING.iter_unpack(payload))
+    if values.get(ENABLE_PUSH, 0) > 1:
+        raise ConnectionError_(PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
+    if values.get(INITIAL_WINDOW_SIZE, 0) > MAX_WINDOW:
+        raise ConnectionError_(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE above 2^31-1")
+    size = values.get(MAX_FRAME_SIZE, DEFAULT_FRAME_SIZE)
+    if not DEFAULT_FRAME_SIZE <= size <= (1 << 24) - 1:
+        raise ConnectionError_(PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
+    return values
+
+
+def u32(payload: bytes, offset: int = 0) -> int:
+    value: int = _U32.unpack_from(payload, offset)[0]
+    return value
+
+
+def strip_padding(flags: int, payload: bytes, *, priority: bool = False) -> bytes:
+    """A DATA or HEADERS payload without its padding (and priority fields)."""
+    start, end = 0, len(payload)
+    if flags & PADDED:
+        if not payload:
+            raise ConnectionError_(PROTOCOL_ERROR, "PADDED frame without a pad length")
+        start, end = 1, end - payload[0]
+    if priority and flags & PRIORITY_FLAG:
+        start += 5
+    if end < start:
+        raise ConnectionError_(PROTOCOL_ERROR, "padding longer than the frame")
+    return payload[start:end]
+
+
+class FrameReader:
+    """Cuts a byte stream into ``(type, flags, stream_id, payload)`` frames."""
+
+    def __init__(self, max_frame_size: int = DEFAULT_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+        buf = self._buffer
+        buf += data
+        offset, end = 0, len(buf)
+        try:
+            while end - offset >= 9:
+                high, low, kind, flags, stream_id = _HEADER.unpack_from(buf, offset)
+                size = (high << 16) | low
+                if size > self.max_frame_size:
+                    raise ConnectionError_(FRAME_SIZE_ERROR, f"a {size}-byte frame")
+                if end - offset - 9 < size:
+                    break
+                payload = bytes(buf[offset + 9 : offset + 9 + size])
+                offset += 9 + size
+                yield kind, flags, stream_id & MAX_STREAM_ID, payload
+        finally:
+            del buf[:offset]
+
+
+_STATIC_EXACT: dict[tuple[bytes, bytes], int] = {}
+_STATIC_NAME: dict[bytes, int] = {}
+for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, start=1):
+    _STATIC_EXACT.setdefault((_name, _value), _index)
+    _STATIC_NAME.setdefault(_name, _index)
+
+
+def _integer(value: int, prefix_bits: int, first: int) -> bytes:
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_field(name: bytes, value: bytes) -> bytes:
+    """One header field that leaves every dynamic table as it was."""
+    exact = _STATIC_EXACT.get((name, value))
+    if exact is not None:
+        return _integer(exact, 7, 0x80)
+    index = _STATIC_NAME.get(name)
+    head = _integer(index, 4, 0x00) if index else b"\x00" + _integer(len(name), 7, 0) + name
+    return head + _integer(len(value), 7, 0) + value
+
+
+class HeaderEncoder:
+    """Header blocks from fields, with a bounded cache of encoded fields.
+
+    Names must already be lower-case (HTTP/2 requires it); nothing is validated here.
+    """
+
+    def __init__(self, cache_size: int = 4096) -> None:
+        self._cache: dict[tuple[str, str], bytes] = {}
+        self._cache_size = cache_size
+
+    def field(self, name: str, value: str) -> bytes:
+        key = (name, value)
+        encoded = self._cache.get(key)
+        if encoded is None:
+            encoded = encode_field(name.encode("latin-1"), value.encode("latin-1"))
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            self._cache[key] = encoded
+        return encoded
+
+    def block(self, fields: Sequence[tuple[str, str]]) -> bytes:
+        return b"".join([self.field(name, value) for name, value in fields])
+
+
+def header_frames(
+    stream_id: int, block: bytes, *, end_stream: bool, max_frame_size: int
+) -> list[bytes]:
+    """HEADERS (and CONTINUATION frames when the block is larger than a frame)."""
+    flags = END_STREAM if end_stream else 0
+    if len(block) <= max_frame_size:
+        return [frame(HEADERS, flags | END_HEADERS, stream_id, block)]
+    chunks = [block[i : i + max_frame_size] for i in range(0, len(block), max_frame_size)]
+    frames = [frame(HEADERS, flags, stream_id, chunks[0])]
+    for i, chunk in enumerate(chunks[1:], start=2):
+        last = END_HEADERS if i == len(chunks) else 0
+        frames.append(frame(CONTINUATION, last, stream_id, chunk))
+    return frames
+
+
+class HeaderDecoder:
+    """``hpack.Decoder`` plus a cache of blocks that did not change the dynamic table.
+
+    A cached block means the same fields only while the table is unchanged, so any
+    block that changes the table empties the cache. Returned field tuples are shared:
+    callers must not modify them. Every block must be passed here, in order, including
+    those of streams the caller no longer tracks, or the table falls out of step.
+    """
+
+    def __init__(self, cache_size: int = 1024) -> None:
+        self.decoder = hpack.Decoder()
+        self._cache: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {}
+        self._cache_size = cache_size
+
+    def decode(self, block: bytes) -> tuple[tuple[bytes, bytes], ...]:
+        """Raises ``hpack.exceptions.HPACKError`` on a malformed block."""
+        fields = self._cache.get(block)
+        if fields is not None:
+            return fields
+        table = self.decoder.header_table
+        entries = table.dynamic_entries
+        before = (table.maxsize, entries[0] if entries else None)
+        fields = tuple((name, value) for name, value in self.decoder.decode(block, raw=True))
+        if table.maxsize == before[0] and (entries[0] if entries else None) is before[1]:
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            self._cache[block] = fields
+        else:
+            self._cache.clear()
+        return fields
