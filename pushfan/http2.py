@@ -19,7 +19,7 @@ What is here:
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import hpack
 from hpack.table import HeaderTable
@@ -166,6 +166,7 @@ _STATIC_NAME: dict[bytes, int] = {}
 for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, start=1):
     _STATIC_EXACT.setdefault((_name, _value), _index)
     _STATIC_NAME.setdefault(_name, _index)
+_STATIC_EXACT_STR = {(n.decode(), v.decode()) for n, v in _STATIC_EXACT}
 
 
 def _integer(value: int, prefix_bits: int, first: int) -> bytes:
@@ -215,6 +216,74 @@ class HeaderEncoder:
         return b"".join([self.field(name, value) for name, value in fields])
 
 
+class IndexingEncoder:
+    """Header blocks for one connection that index repeated fields in the peer's table.
+
+    Fields passed as ``indexed`` are added to the peer's dynamic table the first time
+    (literal with incremental indexing) and referred to by index afterwards, so a server
+    decodes one byte instead of a string for each of them; the rest are never-indexed
+    literals from the shared :class:`HeaderEncoder`. Entries are never evicted behind
+    our back: when the next block's new fields would not fit, the block starts by
+    emptying the table (size updates to 0 and back). Blocks must reach the peer in the
+    order they were made.
+    """
+
+    def __init__(self, literals: HeaderEncoder, table_size: int = 4096) -> None:
+        self.literals = literals
+        self.max_size = 4096  # every HPACK table starts so (RFC 9113 6.5.2)
+        self._size = 0
+        self._count = 0
+        self._entries: dict[tuple[str, str], int] = {}  # field -> insertion number
+        self._prefix = b""  # size updates owed at the start of the next block
+        self.set_table_size(table_size)
+
+    def set_table_size(self, size: int) -> None:
+        """The peer's SETTINGS_HEADER_TABLE_SIZE (we use at most 4096 of it)."""
+        size = min(size, 4096)
+        if size != self.max_size:
+            self.max_size = size
+            self._reset()
+
+    def _reset(self) -> None:
+        self._entries.clear()
+        self._size = self._count = 0
+        self._prefix = _integer(0, 5, 0x20) + _integer(self.max_size, 5, 0x20)
+
+    def block(self, fields: Sequence[tuple[str, str]], unique: Collection[str] = ()) -> bytes:
+        """A block of ``fields`` in order; those named in ``unique`` (values that never
+        repeat, such as an APNs ``:path``) are never indexed."""
+        entries = self._entries
+        new = {f for f in fields if f[0] not in unique and f not in entries}
+        new -= _STATIC_EXACT_STR
+        if new and self._size + sum(len(n) + len(v) + 32 for n, v in new) > self.max_size:
+            self._reset()
+        parts = [self._prefix] if self._prefix else []
+        self._prefix = b""
+        for name, value in fields:
+            number = entries.get((name, value))
+            if number is not None:
+                parts.append(_integer(61 + self._count - number, 7, 0x80))
+                continue
+            size = len(name) + len(value) + 32
+            if (
+                name in unique
+                or (name, value) in _STATIC_EXACT_STR
+                or self._size + size > self.max_size
+            ):
+                parts.append(self.literals.field(name, value))
+                continue
+            raw_name, raw_value = name.encode("latin-1"), value.encode("latin-1")
+            index = _STATIC_NAME.get(raw_name)
+            head = _integer(index, 6, 0x40) if index else b"\x40" + _integer(len(raw_name), 7, 0)
+            if not index:
+                head += raw_name
+            parts.append(head + _integer(len(raw_value), 7, 0) + raw_value)
+            entries[name, value] = self._count
+            self._count += 1
+            self._size += size
+        return b"".join(parts)
+
+
 def header_frames(
     stream_id: int, block: bytes, *, end_stream: bool, max_frame_size: int
 ) -> list[bytes]:
@@ -231,32 +300,51 @@ def header_frames(
 
 
 class HeaderDecoder:
-    """``hpack.Decoder`` plus a cache of blocks that did not change the dynamic table.
+    """An ``hpack.Decoder`` plus a cache of blocks that did not change the dynamic table.
 
     A cached block means the same fields only while the table is unchanged, so any
-    block that changes the table empties the cache. Returned field tuples are shared:
-    callers must not modify them. Every block must be passed here, in order, including
-    those of streams the caller no longer tracks, or the table falls out of step.
+    block that changes the table (an entry added, a size update) empties the cache;
+    peers resending the same headers send the same bytes and are decoded once. The
+    returned lists are shared: callers must not modify them. Every block must be passed
+    here, in order, including those of streams the caller no longer tracks, or the
+    table falls out of step.
     """
 
-    def __init__(self, cache_size: int = 1024) -> None:
-        self.decoder = hpack.Decoder()
-        self._cache: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {}
+    def __init__(
+        self,
+        decoder: hpack.Decoder | None = None,
+        *,
+        cache_size: int = 256,
+        longest: int = 1024,
+    ) -> None:
+        self.decoder = decoder if decoder is not None else hpack.Decoder()
+        self._cache: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self._cache_size = cache_size
+        self._longest = longest  # longer blocks are not worth remembering
 
-    def decode(self, block: bytes) -> tuple[tuple[bytes, bytes], ...]:
-        """Raises ``hpack.exceptions.HPACKError`` on a malformed block."""
+    def _table_state(self) -> tuple[int, object]:
+        # An entry added is a new tuple at the front; eviction only follows an add or
+        # a size update, so (size limit, front entry) changes whenever the table does.
+        table = self.decoder.header_table
+        entries = table.dynamic_entries
+        return table.maxsize, entries[0] if entries else None
+
+    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """The block's fields; raises ``hpack.exceptions.HPACKError`` if malformed."""
         fields = self._cache.get(block)
         if fields is not None:
             return fields
-        table = self.decoder.header_table
-        entries = table.dynamic_entries
-        before = (table.maxsize, entries[0] if entries else None)
-        fields = tuple((name, value) for name, value in self.decoder.decode(block, raw=True))
-        if table.maxsize == before[0] and (entries[0] if entries else None) is before[1]:
+        size, front = self._table_state()
+        unchanged = False
+        try:
+            fields = list(self.decoder.decode(block, raw=True))
+            new_size, new_front = self._table_state()
+            unchanged = new_size == size and new_front is front
+        finally:
+            if not unchanged:  # even when a block failed halfway
+                self._cache.clear()
+        if unchanged and len(block) <= self._longest:
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
             self._cache[block] = fields
-        else:
-            self._cache.clear()
         return fields

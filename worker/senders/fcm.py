@@ -151,7 +151,7 @@ class FcmSender:
         async with self.semaphore:
             try:
                 response = await self.pool.request(
-                    "POST", self.path, headers, fcm_body(message, token)
+                    "POST", self.path, headers, fcm_body(message, token), index_path=True
                 )
             except H2Error as exc:
                 return Outcome(OutcomeKind.RETRY, exc.reason.split(" ", 1)[0])

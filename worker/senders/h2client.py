@@ -43,6 +43,8 @@ from pushfan.errors import SetupError
 
 Headers = Sequence[tuple[str, str]]
 
+_UNIQUE_PATH = frozenset({":path"})
+
 #: What we advertise: stream windows of 1 MiB and a 16 MiB connection window, so
 #: responses never wait on us; acknowledged once half is consumed.
 STREAM_WINDOW = 1 << 20
@@ -82,6 +84,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = http2.FrameReader()
         self.decoder = http2.HeaderDecoder()
+        self.encoder = http2.IndexingEncoder(pool.encoder)
         self.streams: dict[int, _Stream] = {}
         self.blocked: dict[int, None] = {}  # streams with body bytes waiting for window
         self.order: deque[tuple[float, int]] = deque()  # (deadline, stream) in send order
@@ -227,6 +230,8 @@ class _Connection(asyncio.Protocol):
     def _settings(self, values: dict[int, int]) -> None:
         self.max_concurrent = values.get(http2.MAX_CONCURRENT_STREAMS, self.max_concurrent)
         self.max_frame_size = values.get(http2.MAX_FRAME_SIZE, self.max_frame_size)
+        if http2.HEADER_TABLE_SIZE in values:
+            self.encoder.set_table_size(values[http2.HEADER_TABLE_SIZE])
         window = values.get(http2.INITIAL_WINDOW_SIZE)
         if window is not None:
             delta, self.initial_window = window - self.initial_window, window
@@ -272,23 +277,20 @@ class _Connection(asyncio.Protocol):
         body: bytes,
         future: asyncio.Future[H2Response],
         deadline: float,
+        index_path: bool,
     ) -> None:
         stream_id = self.next_stream_id
         self.next_stream_id += 2
         if self.next_stream_id > http2.MAX_STREAM_ID:
             self.usable = False  # ids exhausted: later requests go to a new connection
-        field_ = self.pool.encoder.field
-        parts = [
-            field_(":method", method),
-            field_(":scheme", "https"),
-            field_(":authority", authority),
-            field_(":path", path),
-        ]
-        parts += [field_(name, value) for name, value in headers]
+        fields = [(":method", method), (":scheme", "https"), (":authority", authority)]
+        fields.append((":path", path))
+        fields += headers
         if body:
-            parts.append(field_("content-length", str(len(body))))
+            fields.append(("content-length", str(len(body))))
+        block = self.encoder.block(fields, () if index_path else _UNIQUE_PATH)
         self.out += http2.header_frames(
-            stream_id, b"".join(parts), end_stream=not body, max_frame_size=self.max_frame_size
+            stream_id, block, end_stream=not body, max_frame_size=self.max_frame_size
         )
         stream = _Stream(future, deadline, self.initial_window)
         self.streams[stream_id] = stream
@@ -430,16 +432,25 @@ class H2Pool:
         self._closed = False
 
     async def request(
-        self, method: str, path: str, headers: Headers = (), body: bytes = b""
+        self,
+        method: str,
+        path: str,
+        headers: Headers = (),
+        body: bytes = b"",
+        *,
+        index_path: bool = False,
     ) -> H2Response:
         """One request; raises :class:`H2Error` (see the module doc), or
-        :class:`~pushfan.errors.SetupError` when the server will not speak HTTP/2."""
+        :class:`~pushfan.errors.SetupError` when the server will not speak HTTP/2.
+
+        ``headers`` are indexed in the server's table (they should repeat across
+        requests); the path only with ``index_path`` (a constant path)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         for _ in range(self.max_reissues + 1):
             conn = await self._acquire(deadline)
             future: asyncio.Future[H2Response] = loop.create_future()
-            conn.start(method, self.authority, path, headers, body, future, deadline)
+            conn.start(method, self.authority, path, headers, body, future, deadline, index_path)
             try:
                 return await future
             except H2Error as exc:
