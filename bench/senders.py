@@ -214,9 +214,9 @@ def run(n: int, baseline_n: int) -> None:
     try:
         rows = []
         for name, fn, count, port in (
-            ("FCM lean (h2)", lean_fcm, n, em.fcm_port),
+            ("FCM lean", lean_fcm, n, em.fcm_port),
             ("FCM firebase-admin", sdk_fcm, baseline_n, em.fcm_port),
-            ("APNs lean (h2)", lean_apns, n, em.apns_port),
+            ("APNs lean", lean_apns, n, em.apns_port),
             ("APNs aioapns", sdk_apns, baseline_n, em.apns_port),
         ):
             seconds, ok = asyncio.run(fn(em, count))
