@@ -69,6 +69,11 @@ class Peer:
     def headers_block(self, fields: list[tuple[str, str]]) -> bytes:
         return bytes(self.encoder.encode(fields))
 
+    def headers(self, stream_id: int, fields: list[tuple[str, str]], *, end: bool) -> bytes:
+        """One HEADERS frame (END_STREAM if ``end``)."""
+        flags = http2.END_HEADERS | (http2.END_STREAM if end else 0)
+        return http2.frame(http2.HEADERS, flags, stream_id, self.headers_block(fields))
+
     def send(self, *frames: bytes) -> None:
         self.writer.write(b"".join(frames))
 
@@ -146,12 +151,7 @@ async def test_headers_split_over_continuation_padding_and_trailers(peer_server:
             http2.frame(http2.CONTINUATION, http2.END_HEADERS, stream_id, block[100:]),
             http2.frame(http2.DATA, http2.PADDED, stream_id, bytes([3]) + b"po" + b"\0" * 3),
             http2.frame(http2.DATA, 0, stream_id, b"ng"),
-            http2.frame(
-                http2.HEADERS,
-                http2.END_STREAM | http2.END_HEADERS,
-                stream_id,
-                peer.headers_block([("grpc-status", "0")]),
-            ),
+            peer.headers(stream_id, [("grpc-status", "0")], end=True),
         )
 
     pool = await peer_server(script)
@@ -174,18 +174,8 @@ async def test_ping_answered_and_informational_answers_skipped(peer_server: Star
         assert flags & http2.ACK
         acked.append(payload)
         peer.send(
-            http2.frame(
-                http2.HEADERS,
-                http2.END_HEADERS,
-                stream_id,
-                peer.headers_block([(":status", "100")]),
-            ),
-            http2.frame(
-                http2.HEADERS,
-                http2.END_HEADERS | http2.END_STREAM,
-                stream_id,
-                peer.headers_block([(":status", "204")]),
-            ),
+            peer.headers(stream_id, [(":status", "100")], end=False),
+            peer.headers(stream_id, [(":status", "204")], end=True),
         )
 
     pool = await peer_server(script)
@@ -208,14 +198,7 @@ async def test_body_waits_for_window_the_server_opens_later(peer_server: StartPe
             _kind, flags, _, payload = await peer.next_of(http2.DATA)
             received += payload
         assert received == b"x" * 3000
-        peer.send(
-            http2.frame(
-                http2.HEADERS,
-                http2.END_HEADERS | http2.END_STREAM,
-                stream_id,
-                peer.headers_block([(":status", "200")]),
-            )
-        )
+        peer.send(peer.headers(stream_id, [(":status", "200")], end=True))
 
     pool = await peer_server(script)
     response = await pool.request("POST", "/x", [], b"x" * 3000)
@@ -240,9 +223,7 @@ async def test_stream_limit_from_settings_is_honoured(peer_server: StartPeer) ->
                         if kind == http2.HEADERS:
                             open_streams.append(stream_id)
             most_open = max(most_open, len(open_streams))
-            done = open_streams.pop(0)
-            block = peer.headers_block([(":status", "200")])
-            peer.send(http2.frame(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, done, block))
+            peer.send(peer.headers(open_streams.pop(0), [(":status", "200")], end=True))
             answered += 1
 
     pool = await peer_server(script, max_connections=1)
