@@ -25,7 +25,6 @@ from pushfan.settings import Settings, env_names, load_settings
 # Subcommands that later work fills; each names the issue that brings it.
 PLANNED: dict[str, tuple[str, int]] = {
     "worker": ("consume notification jobs and fan them out to every device", 5),
-    "registry": ("serve the token registry HTTP API", 4),
     "cleanup": ("deactivate tokens the platforms reported dead", 4),
     "hygiene": ("deactivate tokens unused for the configured time", 4),
     "publish": ("publish a notification job", 7),
@@ -73,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="where key material lives"
     )
     p.set_defaults(run=_cmd_emulators)
+
+    p = sub.add_parser(
+        "registry",
+        help="serve the token registry HTTP API (devices, preferences) until SIGTERM",
+        description="Serve the token registry API on PUSHFAN_REGISTRY__HOST:PORT with bearer"
+        " JWT auth (PUSHFAN_REGISTRY__JWT_*). The OpenAPI document is at /openapi.json,"
+        " Prometheus metrics at /metrics. Run `pushfan migrate` first.",
+    )
+    p.set_defaults(run=_cmd_registry)
 
     for name, (summary, issue) in PLANNED.items():
         p = sub.add_parser(name, help=f"{summary} (not implemented yet: issue #{issue})")
@@ -182,6 +190,16 @@ def _cmd_emulators(args: argparse.Namespace, _settings: Settings) -> int:
 
     try:
         asyncio.run(serve())
+    except OSError as exc:
+        raise SetupError(f"cannot listen: {exc}") from exc
+    return 0
+
+
+def _cmd_registry(_args: argparse.Namespace, settings: Settings) -> int:
+    from registry.server import serve
+
+    try:
+        asyncio.run(serve(settings))
     except OSError as exc:
         raise SetupError(f"cannot listen: {exc}") from exc
     return 0

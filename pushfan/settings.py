@@ -155,6 +155,33 @@ class WorkerSettings(_Section):
     )
 
 
+class RegistrySettings(_Section):
+    """The token registry API (``pushfan registry``) and who may call it."""
+
+    host: str = Field("127.0.0.1", description="Address the registry API listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port of the registry API.")
+    jwt_algorithm: Literal["HS256", "RS256"] = Field(
+        "HS256", description="HS256 (shared secret) or RS256 (public key) bearer tokens."
+    )
+    jwt_secret: SecretStr | None = Field(None, description="HS256 shared secret (never printed).")
+    jwt_public_key_file: Path | None = Field(None, description="RS256: the issuer's public key.")
+    jwt_issuer: str = Field("pushfan", description="Required `iss` of bearer tokens.")
+    jwt_audience: str = Field("pushfan-registry", description="Required `aud` of bearer tokens.")
+    service_scope: str = Field(
+        "devices:admin",
+        description="A token whose `scope` has this may act for any user (app backends).",
+    )
+    max_body_bytes: int = Field(16_384, ge=1024, description="Largest request body accepted.")
+
+    @model_validator(mode="after")
+    def _key_for_algorithm(self) -> RegistrySettings:
+        if self.jwt_algorithm == "RS256" and self.jwt_secret is not None:
+            raise ValueError("jwt_secret is for HS256; RS256 takes jwt_public_key_file")
+        if self.jwt_algorithm == "HS256" and self.jwt_public_key_file is not None:
+            raise ValueError("jwt_public_key_file is for RS256; HS256 takes jwt_secret")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with :func:`load_settings`, then pass it down."""
 
@@ -173,6 +200,7 @@ class Settings(BaseSettings):
     apns: ApnsSettings = ApnsSettings()
     retry: RetrySettings = RetrySettings()
     worker: WorkerSettings = WorkerSettings()
+    registry: RegistrySettings = RegistrySettings()
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,141 @@
+"""The registry API's request and response bodies, and the rules bad input breaks.
+
+Every rule here answers 422 with the field and the reason, never a 5xx: APNs tokens are
+64 hex digits (stored lower-case, so one device is one row whatever the app sent); FCM
+tokens (android, web) are 20-1024 characters of FCM's alphabet; time zones must exist in
+the IANA database; quiet hours need both ends. Validation errors never echo the token.
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from datetime import time
+from functools import cache
+from typing import Annotated, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from schemas.common import MAX_TOKEN_LENGTH, NotificationType, Platform, UserId
+
+_APNS_TOKEN = re.compile(r"[0-9a-fA-F]{64}")
+_FCM_TOKEN = re.compile(rf"[A-Za-z0-9_:\-]{{20,{MAX_TOKEN_LENGTH}}}")
+
+DeviceId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\s\x00-\x1f\x7f-\x9f]+$")
+]
+AppId = Annotated[
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._\-]+$")
+]
+AppVersion = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[ -~]+$")]
+Locale = Annotated[
+    str,
+    StringConstraints(
+        min_length=2, max_length=35, pattern=r"^[A-Za-z]{2,8}([_-][A-Za-z0-9]{1,8})*$"
+    ),
+]
+
+
+@cache
+def _zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def check_time_zone(name: str) -> str:
+    if name not in _zones():
+        raise ValueError(f"unknown IANA time zone {name!r}")
+    return name
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+class DeviceIn(_Body):
+    """``POST /v1/devices``: register or refresh a token for the caller."""
+
+    token: str = Field(description="The platform's device token (a secret).")
+    platform: Platform
+    device_id: DeviceId = Field(description="Stable id of this install on this device.")
+    app_id: AppId = Field(description="The app's bundle id or package name.")
+    app_version: AppVersion | None = None
+    locale: Locale | None = None
+    time_zone: str | None = Field(None, description="IANA time zone, e.g. Europe/Berlin.")
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        return None if value is None else check_time_zone(value)
+
+    @model_validator(mode="after")
+    def _token_for_platform(self) -> Self:
+        if self.platform == "ios":
+            if not _APNS_TOKEN.fullmatch(self.token):
+                raise ValueError("an ios (APNs) token is 64 hexadecimal characters")
+            if self.token != self.token.lower():
+                return self.model_copy(update={"token": self.token.lower()})
+        elif not _FCM_TOKEN.fullmatch(self.token):
+            raise ValueError(
+                f"an {self.platform} (FCM) token is 20-{MAX_TOKEN_LENGTH} characters"
+                " of A-Z a-z 0-9 _ : -"
+            )
+        return self
+
+
+class TokenIn(_Body):
+    """``POST /v1/devices/unregister``: log a token out (kept out of URLs and their logs)."""
+
+    token: str = Field(min_length=1, max_length=MAX_TOKEN_LENGTH)
+
+
+class DeviceOut(_Body):
+    id: int
+    token: str = Field(description="Masked: the token's fingerprint, never the token.")
+    platform: Platform
+    device_id: str | None
+    app_id: str
+    app_version: str | None
+    locale: str | None
+    time_zone: str | None
+    created_at: str
+    last_seen_at: str
+
+
+class RegisteredOut(_Body):
+    id: int
+    change: str = Field(description="created, refreshed, reactivated or moved.")
+    replaced: int = Field(description="Older tokens of this device deactivated.")
+    token: str = Field(description="Masked.")
+
+
+class QuietHours(_Body):
+    start: time = Field(description="Local time quiet hours begin, e.g. 22:00.")
+    end: time = Field(description="Local time they end, e.g. 07:00 (may be the next day).")
+
+
+class PreferencesBody(_Body):
+    """``GET``/``PUT /v1/preferences``: a PUT replaces all of them."""
+
+    time_zone: str = Field("UTC", description="IANA time zone the quiet hours are in.")
+    quiet_hours: QuietHours | None = None
+    types: dict[NotificationType, bool] = Field(
+        default_factory=dict,
+        description="Push on/off per notification type; a type not listed is on.",
+        max_length=200,
+    )
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return check_time_zone(value)
+
+
+class ActingFor(_Body):
+    user_id: UserId | None = None

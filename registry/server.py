@@ -1,0 +1,66 @@
+"""``pushfan registry``: the API on uvicorn, with its database pool and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import uvicorn
+
+from pushfan.db import create_pool
+from pushfan.metrics import Metrics
+from pushfan.settings import Settings
+from registry.api import RegistryApp
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    stopped: asyncio.Task[None]  # ends when uvicorn has shut down
+    app: RegistryApp
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, *, port: int | None = None) -> AsyncIterator[Served]:
+    """Serve the registry until the block ends (or uvicorn stops on SIGTERM/SIGINT,
+    finishing in-flight requests). Used by the CLI, the tests and the benchmark
+    (``port=0`` picks a free port)."""
+    pool = await create_pool(settings.database)
+    app = RegistryApp(settings.registry, pool, Metrics())
+    config = uvicorn.Config(
+        app,
+        host=settings.registry.host,
+        port=settings.registry.port if port is None else port,
+        loop="none",  # the running loop (uvloop where the CLI installed it)
+        http="httptools",
+        lifespan="off",
+        access_log=False,  # our own metrics count requests; URLs stay out of logs
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # raises why it could not start (e.g. the port is taken)
+                raise RuntimeError("registry server stopped before it started")
+            await asyncio.sleep(0.01)
+        sockets = server.servers[0].sockets
+        host, bound = sockets[0].getsockname()[:2]
+        yield Served(f"http://{host}:{bound}", task, app)
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await pool.close()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT: in-flight requests finish, then the pool closes."""
+    async with running(settings) as served:
+        url = served.url
+        print(f"pushfan registry serving on {url} (OpenAPI: {url}/openapi.json)", flush=True)
+        await served.stopped

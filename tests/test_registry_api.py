@@ -1,0 +1,265 @@
+"""The registry API over real HTTP (uvicorn) against the real database."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from pydantic import SecretStr
+
+from pushfan.settings import RegistrySettings, Settings
+from registry.server import Served, running
+
+SECRET = "test-secret-of-enough-length-for-hs256"
+
+
+@pytest.fixture(scope="module")
+async def served(settings: Settings, migrated: str) -> AsyncIterator[Served]:
+    registry = RegistrySettings(jwt_secret=SecretStr(SECRET), max_body_bytes=4096)
+    async with running(settings.model_copy(update={"registry": registry}), port=0) as served:
+        yield served
+
+
+@pytest.fixture
+async def http(served: Served) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=served.url) as client:
+        yield client
+
+
+def bearer(sub: str, *, scope: str = "", key: str = SECRET, **claims: Any) -> dict[str, str]:
+    body = {"sub": sub, "iss": "pushfan", "aud": "pushfan-registry", "exp": time.time() + 600}
+    if scope:
+        body["scope"] = scope
+    body.update(claims)
+    return {"authorization": "Bearer " + jwt.encode(body, key, algorithm="HS256")}
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def apns_token() -> str:
+    return uuid.uuid4().hex + uuid.uuid4().hex
+
+
+def device(token: str, device_id: str, platform: str = "ios", **extra: Any) -> dict[str, Any]:
+    return {"token": token, "platform": platform, "device_id": device_id, "app_id": "com.ex.app"}
+
+
+async def test_register_refresh_list_and_logout(http: httpx.AsyncClient) -> None:
+    user, token, dev = _id("u"), apns_token(), _id("dev")
+    auth = bearer(user)
+
+    first = await http.post("/v1/devices", json=device(token.upper(), dev), headers=auth)
+    again = await http.post("/v1/devices", json=device(token, dev), headers=auth)
+    listed = await http.get("/v1/devices", headers=auth)
+
+    assert (first.status_code, first.json()["change"]) == (201, "created")
+    assert (again.status_code, again.json()["change"]) == (200, "refreshed")  # case folded
+    (only,) = listed.json()["devices"]
+    assert only["device_id"] == dev
+    assert only["token"].startswith("sha256:")
+    for response in (first, again, listed):
+        assert token not in response.text.lower()  # tokens never go back out
+
+    gone = await http.delete(f"/v1/devices/{dev}", headers=auth)
+    assert gone.status_code == 204
+    assert (await http.get("/v1/devices", headers=auth)).json() == {"devices": []}
+    assert (await http.delete(f"/v1/devices/{dev}", headers=auth)).status_code == 404
+
+
+async def test_unregister_by_token_in_the_body(http: httpx.AsyncClient) -> None:
+    user, token = _id("u"), apns_token()
+    auth = bearer(user)
+    await http.post("/v1/devices", json=device(token, _id("dev")), headers=auth)
+
+    response = await http.post("/v1/devices/unregister", json={"token": token}, headers=auth)
+
+    assert response.status_code == 204
+    assert (await http.get("/v1/devices", headers=auth)).json() == {"devices": []}
+
+
+async def test_a_user_cannot_touch_another_users_devices(http: httpx.AsyncClient) -> None:
+    alice, mallory, token, dev = _id("alice"), _id("mallory"), apns_token(), _id("dev")
+    await http.post("/v1/devices", json=device(token, dev), headers=bearer(alice))
+    evil = bearer(mallory)
+
+    assert (await http.get(f"/v1/devices?user_id={alice}", headers=evil)).status_code == 403
+    assert (await http.delete(f"/v1/devices/{dev}", headers=evil)).status_code == 404
+    response = await http.post("/v1/devices/unregister", json={"token": token}, headers=evil)
+    assert response.status_code == 404
+    other = await http.post(
+        f"/v1/devices?user_id={alice}", json=device(apns_token(), _id("d")), headers=evil
+    )
+    assert other.status_code == 403
+    assert len((await http.get("/v1/devices", headers=bearer(alice))).json()["devices"]) == 1
+
+
+async def test_a_service_token_acts_for_any_user(http: httpx.AsyncClient) -> None:
+    user, token = _id("u"), apns_token()
+    backend = bearer("orders-backend", scope="openid devices:admin")
+
+    created = await http.post(
+        f"/v1/devices?user_id={user}", json=device(token, _id("dev")), headers=backend
+    )
+
+    assert created.status_code == 201
+    assert len((await http.get("/v1/devices", headers=bearer(user))).json()["devices"]) == 1
+
+
+async def test_registering_a_token_for_another_user_moves_it(http: httpx.AsyncClient) -> None:
+    alice, bob, token, dev = _id("alice"), _id("bob"), apns_token(), _id("dev")
+    await http.post("/v1/devices", json=device(token, dev), headers=bearer(alice))
+
+    moved = await http.post("/v1/devices", json=device(token, dev), headers=bearer(bob))
+
+    assert moved.json()["change"] == "moved"
+    assert (await http.get("/v1/devices", headers=bearer(alice))).json() == {"devices": []}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": "Basic dXNlcjpwYXNz"},
+        {"authorization": "Bearer not-a-jwt"},
+        bearer("u", exp=time.time() - 3600),
+        bearer("u", aud="someone-else"),
+        bearer("u", iss="someone-else"),
+        bearer("u", key="the-wrong-secret-of-enough-length-too"),
+    ],
+    ids=["none", "basic", "garbage", "expired", "audience", "issuer", "signature"],
+)
+async def test_bad_credentials_are_401(http: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    response = await http.get("/v1/devices", headers=headers)
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthenticated"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (device("zz" * 32, "d"), "body"),  # not hex
+        (device("ab" * 31, "d"), "body"),  # 62 characters
+        (device("short", "d", platform="android"), "body"),
+        (device("x" * 200, "d", platform="blackberry"), "platform"),
+        ({**device("ab" * 32, "d"), "time_zone": "Mars/Olympus"}, "time_zone"),
+        ({**device("ab" * 32, "d"), "extra": 1}, "extra"),
+        ({**device("ab" * 32, "d"), "device_id": ""}, "device_id"),
+        ({"platform": "ios"}, "token"),
+        ([1, 2], "body"),
+    ],
+    ids=["hex", "length", "fcm", "platform", "zone", "unknown", "device", "missing", "list"],
+)
+async def test_invalid_registrations_are_422_and_name_the_field(
+    http: httpx.AsyncClient, body: Any, field: str
+) -> None:
+    response = await http.post("/v1/devices", json=body, headers=bearer(_id("u")))
+
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert any(field in d["field"] for d in error["details"])
+    assert "zz" * 32 not in response.text
+
+
+async def test_malformed_json_too_big_unknown_route_and_method(http: httpx.AsyncClient) -> None:
+    auth = bearer(_id("u"))
+    bad_json = await http.post("/v1/devices", content=b"{not json", headers=auth)
+    too_big = await http.post("/v1/devices", content=b"x" * 5000, headers=auth)
+    no_route = await http.get("/v2/nothing", headers=auth)
+    method = await http.patch("/v1/devices", headers=auth)
+
+    assert bad_json.status_code == 422
+    assert too_big.status_code == 413
+    assert no_route.status_code == 404
+    assert method.status_code == 405
+
+
+async def test_preferences_round_trip_and_defaults(http: httpx.AsyncClient) -> None:
+    auth = bearer(_id("u"))
+    default = await http.get("/v1/preferences", headers=auth)
+    prefs = {
+        "time_zone": "Europe/Berlin",
+        "quiet_hours": {"start": "22:00:00", "end": "07:00:00"},
+        "types": {"marketing": False, "order.shipped": True},
+    }
+    put = await http.put("/v1/preferences", json=prefs, headers=auth)
+    fewer = await http.put(
+        "/v1/preferences", json={"time_zone": "UTC", "types": {"news": False}}, headers=auth
+    )
+    got = await http.get("/v1/preferences", headers=auth)
+
+    assert default.json() == {"time_zone": "UTC", "quiet_hours": None, "types": {}}
+    assert put.status_code == 200
+    assert fewer.status_code == 200
+    assert got.json() == {"time_zone": "UTC", "quiet_hours": None, "types": {"news": False}}
+
+
+async def test_invalid_preferences_are_422(http: httpx.AsyncClient) -> None:
+    auth = bearer(_id("u"))
+    for body in (
+        {"time_zone": "Nowhere/Land"},
+        {"quiet_hours": {"start": "25:00", "end": "07:00"}},
+        {"quiet_hours": {"start": "22:00"}},
+        {"types": {"Bad Type!": True}},
+    ):
+        assert (await http.put("/v1/preferences", json=body, headers=auth)).status_code == 422
+
+
+async def test_health_readiness_metrics_and_openapi(http: httpx.AsyncClient) -> None:
+    assert (await http.get("/healthz")).status_code == 200
+    assert (await http.get("/readyz")).status_code == 200
+    await http.post("/v1/devices", json=device(apns_token(), _id("d")), headers=bearer("m"))
+    metrics = (await http.get("/metrics")).text
+    assert 'pushfan_registrations_total{change="created"}' in metrics
+    assert 'pushfan_registry_requests_total{route="/v1/devices",status="201"}' in metrics
+    document = (await http.get("/openapi.json")).json()
+    assert set(document["paths"]) >= {"/v1/devices", "/v1/devices/{device_id}", "/v1/preferences"}
+    assert "DeviceIn" in document["components"]["schemas"]
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=80),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+_bodies = (
+    st.fixed_dictionaries(
+        {  # each field mostly valid, sometimes anything: the mixes reach every check
+            "token": st.sampled_from(["ab" * 32, "AB" * 32, "f" * 40]) | st.text(max_size=80),
+            "platform": st.sampled_from(["ios", "android", "web"]) | _json_values,
+            "device_id": st.sampled_from(["dev-1", "dev-2"]) | _json_values,
+            "app_id": st.just("com.ex.app") | _json_values,
+        },
+        optional={
+            "app_version": st.just("1.2.3") | _json_values,
+            "time_zone": st.sampled_from(["UTC", "Europe/Berlin", "Nope/Zone", ""]) | _json_values,
+            "locale": st.sampled_from(["de_DE", "en-US"]) | _json_values,
+        },
+    )
+    | _json_values
+)
+
+
+@hypothesis_settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=_bodies)
+async def test_no_body_makes_a_5xx(http: httpx.AsyncClient, body: Any) -> None:
+    response = await http.post(
+        "/v1/devices", content=json.dumps(body).encode(), headers=bearer("fuzz")
+    )
+    assert response.status_code < 500, response.text
