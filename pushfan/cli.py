@@ -25,8 +25,6 @@ from pushfan.settings import Settings, env_names, load_settings
 # Subcommands that later work fills; each names the issue that brings it.
 PLANNED: dict[str, tuple[str, int]] = {
     "worker": ("consume notification jobs and fan them out to every device", 5),
-    "cleanup": ("deactivate tokens the platforms reported dead", 4),
-    "hygiene": ("deactivate tokens unused for the configured time", 4),
     "publish": ("publish a notification job", 7),
     "bridge": ("turn business events (orders shipped) into notification jobs", 7),
     "status": ("show a job's progress and counts", 5),
@@ -81,6 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
         " Prometheus metrics at /metrics. Run `pushfan migrate` first.",
     )
     p.set_defaults(run=_cmd_registry)
+
+    p = sub.add_parser(
+        "cleanup",
+        help="deactivate tokens the platforms reported dead (consumes invalid-token events)",
+        description="Consume the invalid-token topic in batches, deactivate each batch in one"
+        " statement (a token registered again since the report is kept), commit offsets after"
+        " the database write. Runs until SIGTERM; the current batch finishes first.",
+    )
+    p.set_defaults(run=_cmd_cleanup)
+
+    p = sub.add_parser(
+        "hygiene",
+        help="deactivate tokens unused for PUSHFAN_HYGIENE__STALE_AFTER_DAYS, purge old rows",
+        description="One pass (for cron), or one every PUSHFAN_HYGIENE__INTERVAL_S with --loop:"
+        " deactivate tokens not registered again for stale_after_days (default 90), delete"
+        " rows deactivated more than purge_after_days ago (default 30).",
+    )
+    p.add_argument("--loop", action="store_true", help="keep running, a pass every interval")
+    p.set_defaults(run=_cmd_hygiene)
 
     for name, (summary, issue) in PLANNED.items():
         p = sub.add_parser(name, help=f"{summary} (not implemented yet: issue #{issue})")
@@ -202,6 +219,47 @@ def _cmd_registry(_args: argparse.Namespace, settings: Settings) -> int:
         asyncio.run(serve(settings))
     except OSError as exc:
         raise SetupError(f"cannot listen: {exc}") from exc
+    return 0
+
+
+def _cmd_cleanup(_args: argparse.Namespace, settings: Settings) -> int:
+    from pushfan.db import create_pool
+    from pushfan.metrics import Metrics
+    from registry.cleanup import run
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        pool = await create_pool(settings.database)
+        try:
+            print("pushfan cleanup: consuming", settings.kafka.topics.invalid_tokens, flush=True)
+            await run(settings, pool, Metrics(), stop)
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def _cmd_hygiene(args: argparse.Namespace, settings: Settings) -> int:
+    from pushfan.db import create_pool
+    from pushfan.metrics import Metrics
+    from registry.hygiene import run_forever, run_once
+
+    async def main() -> None:
+        pool = await create_pool(settings.database)
+        try:
+            if args.loop:
+                await run_forever(pool, settings.hygiene, Metrics())
+            else:
+                done = await run_once(pool, settings.hygiene, Metrics())
+                print(f"deactivated {done.deactivated} stale tokens, purged {done.purged} rows")
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
     return 0
 
 

@@ -49,6 +49,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.tokens_purged = Counter(
+            f"{PREFIX}_tokens_purged", "Deactivated rows deleted after retention.", registry=r
+        )
+        self.cleanup_skipped = Counter(
+            f"{PREFIX}_cleanup_skipped_events",
+            "Invalid-token events the cleanup consumer could not parse.",
+            registry=r,
+        )
         self.hygiene_runs = Counter(
             f"{PREFIX}_hygiene_runs", "Token hygiene passes completed.", registry=r
         )

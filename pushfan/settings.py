@@ -182,6 +182,22 @@ class RegistrySettings(_Section):
         return self
 
 
+class HygieneSettings(_Section):
+    """Token hygiene (``pushfan hygiene``) and the cleanup consumer (``pushfan cleanup``)."""
+
+    stale_after_days: float = Field(
+        90, gt=0, description="Deactivate tokens not registered again for this long."
+    )
+    purge_after_days: float = Field(
+        30, gt=0, description="Delete deactivated rows this long after deactivation."
+    )
+    batch_size: int = Field(10_000, ge=1, description="Rows per hygiene statement.")
+    interval_s: float = Field(3600, gt=0, description="Time between passes with --loop.")
+    cleanup_batch_size: int = Field(
+        5000, ge=1, description="Invalid-token events the cleanup consumer reads per batch."
+    )
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with :func:`load_settings`, then pass it down."""
 
@@ -201,6 +217,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     worker: WorkerSettings = WorkerSettings()
     registry: RegistrySettings = RegistrySettings()
+    hygiene: HygieneSettings = HygieneSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -29,7 +29,16 @@ def test_help_lists_every_subcommand(service_env: dict[str, str]) -> None:
     out = pushfan("--help", env=service_env)
     assert out.returncode == 0
     listed = set(re.findall(r"^    (\w+)\s", out.stdout, re.MULTILINE))
-    assert listed == {"migrate", "settings", "up", "emulators", "registry", *PLANNED}
+    assert listed == {
+        "migrate",
+        "settings",
+        "up",
+        "emulators",
+        "registry",
+        "cleanup",
+        "hygiene",
+        *PLANNED,
+    }
 
 
 def test_migrate_applies_then_reports_up_to_date(
