@@ -27,7 +27,8 @@ async def running(settings: Settings, *, port: int | None = None) -> AsyncIterat
     """Serve the registry until the block ends (or uvicorn stops on SIGTERM/SIGINT,
     finishing in-flight requests). Used by the CLI, the tests and the benchmark
     (``port=0`` picks a free port)."""
-    pool = await create_pool(settings.database)
+    # The registry keeps no session state (its advisory locks are transaction-scoped).
+    pool = await create_pool(settings.database, reset=False)
     app = RegistryApp(settings.registry, pool, Metrics())
     config = uvicorn.Config(
         app,
