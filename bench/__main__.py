@@ -18,6 +18,8 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from bench.cleanup import bench_cleanup
+from bench.registry import run as bench_registry
 from bench.senders import run as bench_senders
 from pushfan.db import migrate
 from pushfan.kafka import assign_all, make_consumer, make_producer, start_client
@@ -178,6 +180,7 @@ async def _main(settings: Settings, args: argparse.Namespace) -> None:
     bench_decode(args.jobs)
     await bench_broker(settings, args.jobs)
     await bench_page_query(url, args.users, settings.worker.page_size)
+    await bench_cleanup(settings, args.dead)
 
 
 def main() -> None:
@@ -188,6 +191,12 @@ def main() -> None:
     parser.add_argument(
         "--baseline-sends", type=int, default=2_000, help="tokens per SDK baseline sender"
     )
+    parser.add_argument(
+        "--dead", type=int, default=100_000, help="invalid-token events for the cleanup consumer"
+    )
+    parser.add_argument(
+        "--registrations", type=int, default=8_000, help="registry API requests per phase"
+    )
     args = parser.parse_args()
     configure_logging(LoggingSettings(level="WARNING"))
     settings = load_settings()
@@ -196,6 +205,13 @@ def main() -> None:
         settings = stack.apply(settings)
         print(f"pushfan bench: broker {stack.broker.kind}, PostgreSQL {stack.database.kind}")
         asyncio.run(_main(settings, args))
+        # Pins the registry API process to one core, this one (and an embedded
+        # PostgreSQL) to the other.
+        bench_registry(
+            settings.database.url.get_secret_value(),
+            args.registrations,
+            pin_database=stack.database.kind == "embedded",
+        )
     finally:
         stack.close()
     # Senders last: they pin this process to one core and the emulators to the other.

@@ -1,8 +1,9 @@
 """The token registry's HTTP API: a plain ASGI application (no framework).
 
 Measured on one core against PostgreSQL, FastAPI served ~1,300 registrations/s and a
-bare ASGI callable ~2,300-3,100 (p99 ~12 ms at 2,000/s offered), so routing is a dict
-here and validation is pydantic's, nothing else. Routes (``openapi.py`` documents them):
+bare ASGI callable about twice that, so routing is a dict here and validation is
+pydantic's, nothing else (``make bench`` prints this API's own rate and p99).
+Routes (``openapi.py`` documents them):
 
 - ``POST /v1/devices`` register or refresh; ``GET /v1/devices`` list (tokens masked);
   ``DELETE /v1/devices/{device_id}`` and ``POST /v1/devices/unregister`` log out;

@@ -1,0 +1,119 @@
+"""Deactivations per second of the cleanup consumer, against its bare statement.
+
+Seeds ``n`` active tokens, publishes one invalid-token event for each, and runs
+:func:`registry.cleanup.consume` until every token is inactive. The clock starts at the
+first deactivation (a consumer group's join is the broker's time, not ours). Baseline in
+the same run: the same statement over the same batches straight from asyncpg, no broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime
+
+import asyncpg
+
+from pushfan.kafka import ensure_topics, make_consumer, make_producer, start_client
+from pushfan.metrics import Metrics
+from pushfan.settings import Settings
+from registry import cleanup
+from schemas import InvalidTokenEvent
+
+BATCH = 5000
+
+
+async def _seed(conn: asyncpg.Connection, tokens: list[str]) -> None:
+    await conn.execute("TRUNCATE device_tokens")
+    records = [(t, f"u-{i}", "android", f"d-{i}", "bench.app") for i, t in enumerate(tokens)]
+    await conn.copy_records_to_table(
+        "device_tokens",
+        records=records,
+        columns=["token", "user_id", "platform", "device_id", "app_id"],
+    )
+    # registered an hour ago: every report below is newer, so the race guard lets it pass
+    await conn.execute("UPDATE device_tokens SET last_seen_at = now() - interval '1 hour'")
+    await conn.execute("ANALYZE device_tokens")
+
+
+async def _inactive(conn: asyncpg.Connection) -> int:
+    count: int = await conn.fetchval("SELECT count(*) FROM device_tokens WHERE NOT is_active")
+    return count
+
+
+def _counted(metrics: Metrics) -> int:
+    """Deactivations the consumer counted (read in-process: polling the table would
+    load the database the consumer is measured on)."""
+    value = metrics.registry.get_sample_value(
+        "pushfan_tokens_deactivated_total", {"reason": "UNREGISTERED"}
+    )
+    return int(value or 0)
+
+
+async def bench_cleanup(settings: Settings, n: int) -> None:
+    url = settings.database.url.get_secret_value()
+    tokens = [f"bench-{i:08d}-{uuid.uuid4().hex}" for i in range(n)]
+    now = datetime.now(UTC)
+    dead = [cleanup.Dead(t, now, "UNREGISTERED") for t in tokens]
+    conn = await asyncpg.connect(url)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        await _seed(conn, tokens)
+        t0 = time.perf_counter()
+        for i in range(0, n, BATCH):
+            await cleanup.deactivate(pool, dead[i : i + BATCH])
+        bare = time.perf_counter() - t0
+        assert await _inactive(conn) == n
+
+        await _seed(conn, tokens)
+        own = settings.kafka.topics.model_copy(
+            update={"invalid_tokens": f"bench.invalid.{uuid.uuid4().hex[:8]}"}
+        )
+        kafka = settings.kafka.model_copy(update={"topics": own})
+        await ensure_topics(kafka)
+        producer = make_producer(kafka)
+        await start_client(producer, kafka)
+        try:
+            events = [
+                InvalidTokenEvent(
+                    token=t, platform="android", reason="UNREGISTERED", observed_at=now
+                )
+                for t in tokens
+            ]
+            sent = [await producer.send(own.invalid_tokens, e.to_bytes()) for e in events]
+            await asyncio.gather(*sent)
+        finally:
+            await producer.stop()
+
+        consumer = make_consumer(kafka, own.invalid_tokens, group_id=f"bench-{uuid.uuid4().hex}")
+        await start_client(consumer, kafka)
+        stop = asyncio.Event()
+        metrics = Metrics()
+        task = asyncio.create_task(
+            cleanup.consume(consumer, pool, metrics, batch_size=BATCH, stop=stop)
+        )
+        try:
+            started = 0.0
+            while True:  # polled: the clock starts at the first deactivation
+                done = _counted(metrics)
+                if done and not started:
+                    started = time.perf_counter()
+                if done >= n:
+                    break
+                await asyncio.sleep(0.02)
+            consumed = time.perf_counter() - started
+        finally:
+            stop.set()
+            await task
+            await consumer.stop()
+        assert await _inactive(conn) == n
+        print(
+            f"cleanup consumer      {n / consumed:>12,.0f}/s deactivations   bare statement "
+            f"{n / bare:>12,.0f}/s   ratio {bare / consumed:.2f}   ({n:,} events, batches of "
+            f"{BATCH:,}, all {done:,} deactivated)"
+        )
+    finally:
+        await pool.close()
+        await conn.close()
