@@ -74,6 +74,15 @@ async def conn(migrated: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
+async def db(migrated: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the migrated session database; writes commit (use unique ids)."""
+    pool = await asyncpg.create_pool(migrated, min_size=1, max_size=8)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
 def empty_database_url(stack: Stack) -> str:
     """A new, never-migrated database on the session's server."""
     return stack.database.create_sibling("pushfan_test_empty")

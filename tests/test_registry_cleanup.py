@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -16,14 +15,6 @@ from pushfan.settings import HygieneSettings, KafkaSettings, Settings
 from registry import cleanup, hygiene, store
 from registry.store import Registration
 from schemas import InvalidTokenEvent
-
-
-@pytest.fixture
-async def db(migrated: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(migrated, min_size=1, max_size=4)
-    assert pool is not None
-    yield pool
-    await pool.close()
 
 
 @pytest.fixture

@@ -8,21 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest
 
 from registry import store
 from registry.store import Change, Registration
-
-
-@pytest.fixture
-async def db(migrated: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(migrated, min_size=1, max_size=8)
-    assert pool is not None
-    yield pool
-    await pool.close()
 
 
 def _id(prefix: str) -> str:
