@@ -193,27 +193,27 @@ def encode_field(name: bytes, value: bytes) -> bytes:
 
 
 class HeaderEncoder:
-    """Header blocks from fields, with a bounded cache of encoded fields.
+    """Encoded fields, with a bounded cache of the short ones (long values, such as a
+    JWT echoed back, would make the cache large for little gain).
 
     Names must already be lower-case (HTTP/2 requires it); nothing is validated here.
     """
 
-    def __init__(self, cache_size: int = 4096) -> None:
+    def __init__(self, cache_size: int = 4096, longest: int = 128) -> None:
         self._cache: dict[tuple[str, str], bytes] = {}
         self._cache_size = cache_size
+        self._longest = longest
 
     def field(self, name: str, value: str) -> bytes:
         key = (name, value)
         encoded = self._cache.get(key)
         if encoded is None:
             encoded = encode_field(name.encode("latin-1"), value.encode("latin-1"))
-            if len(self._cache) >= self._cache_size:
-                self._cache.clear()
-            self._cache[key] = encoded
+            if len(value) <= self._longest:
+                if len(self._cache) >= self._cache_size:
+                    self._cache.clear()
+                self._cache[key] = encoded
         return encoded
-
-    def block(self, fields: Sequence[tuple[str, str]]) -> bytes:
-        return b"".join([self.field(name, value) for name, value in fields])
 
 
 class IndexingEncoder:
@@ -260,16 +260,15 @@ class IndexingEncoder:
         parts = [self._prefix] if self._prefix else []
         self._prefix = b""
         for name, value in fields:
+            if name in unique:  # never repeats: not worth a cache entry either
+                parts.append(encode_field(name.encode("latin-1"), value.encode("latin-1")))
+                continue
             number = entries.get((name, value))
             if number is not None:
                 parts.append(_integer(61 + self._count - number, 7, 0x80))
                 continue
             size = len(name) + len(value) + 32
-            if (
-                name in unique
-                or (name, value) in _STATIC_EXACT_STR
-                or self._size + size > self.max_size
-            ):
+            if (name, value) in _STATIC_EXACT_STR or self._size + size > self.max_size:
                 parts.append(self.literals.field(name, value))
                 continue
             raw_name, raw_value = name.encode("latin-1"), value.encode("latin-1")
@@ -282,6 +281,22 @@ class IndexingEncoder:
             self._count += 1
             self._size += size
         return b"".join(parts)
+
+
+def data_frames(
+    stream_id: int, body: memoryview, window: int, max_frame_size: int
+) -> tuple[list[bytes], memoryview]:
+    """DATA frames for as much of ``body`` as ``window`` (the smaller of the connection's
+    and the stream's send credit) allows, END_STREAM on the body's last byte; and the
+    rest, which must wait for a WINDOW_UPDATE."""
+    frames = []
+    while body and window > 0:
+        size = min(window, max_frame_size, len(body))
+        end = END_STREAM if size == len(body) else 0
+        frames.append(frame(DATA, end, stream_id, bytes(body[:size])))
+        body = body[size:]
+        window -= size
+    return frames, body
 
 
 def header_frames(

@@ -160,7 +160,7 @@ def request_headers(fields: Iterable[tuple[bytes, bytes]]) -> dict[str, str] | N
 
 
 _status_fields: dict[int, bytes] = {}
-_encoder = HeaderEncoder()
+_encoder = HeaderEncoder(longest=_CACHED_LONGEST)
 
 
 def response_block(status: int, headers: Sequence[tuple[str, str]], length: int) -> bytes:
@@ -170,10 +170,7 @@ def response_block(status: int, headers: Sequence[tuple[str, str]], length: int)
     if block is None:
         block = _status_fields[status] = encode_field(b":status", str(status).encode())
     for name, value in headers:
-        if len(value) <= _CACHED_LONGEST:
-            block += _encoder.field(name, value)
-        else:
-            block += encode_field(name.encode("latin-1"), value.encode("latin-1"))
+        block += _encoder.field(name, value)
     if length:
         block += _encoder.field("content-length", str(length))
     return block

@@ -25,6 +25,7 @@ from pushfan.http2 import (
     NO_ERROR,
     PROTOCOL_ERROR,
     REFUSED_STREAM,
+    data_frames,
     frame,
     goaway,
     header_frames,
@@ -157,16 +158,12 @@ class Streams:
         """Send blocked DATA as far as the client's windows allow, oldest stream first."""
         out = self.out
         for stream_id, stream in list(self.blocked.items()):
-            view = stream.pending
-            while view:
-                size = min(self.send_window, stream.send, self.peer_frame, len(view))
-                if size <= 0:
-                    break
-                end = END_STREAM if size == len(view) else 0
-                out.append(frame(DATA, end, stream_id, bytes(view[:size])))
-                view = view[size:]
-                self.send_window -= size
-                stream.send -= size
+            window = min(self.send_window, stream.send)
+            frames, view = data_frames(stream_id, stream.pending, window, self.peer_frame)
+            out += frames
+            sent = len(stream.pending) - len(view)
+            self.send_window -= sent
+            stream.send -= sent
             stream.pending = view
             if not view:
                 del self.blocked[stream_id]

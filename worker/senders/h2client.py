@@ -302,17 +302,14 @@ class _Connection(asyncio.Protocol):
 
     def _send_body(self, stream_id: int, stream: _Stream) -> None:
         """As much of the stream's body as the windows allow; the rest waits."""
-        view = stream.unsent
-        while view and self.send_window > 0 and stream.window > 0:
-            size = min(self.send_window, stream.window, self.max_frame_size, len(view))
-            last = size == len(view)
-            chunk = view[:size].tobytes()
-            self.out.append(
-                http2.frame(http2.DATA, http2.END_STREAM if last else 0, stream_id, chunk)
-            )
-            self.send_window -= size
-            stream.window -= size
-            view = view[size:]
+        unsent = stream.unsent
+        assert unsent is not None
+        window = min(self.send_window, stream.window)
+        frames, view = http2.data_frames(stream_id, unsent, window, self.max_frame_size)
+        self.out += frames
+        sent = len(unsent) - len(view)
+        self.send_window -= sent
+        stream.window -= sent
         if view:
             stream.unsent = view
             self.blocked[stream_id] = None
