@@ -202,8 +202,7 @@ class RegistryApp:
     async def unregister(self, request: Request, caller: Caller, _: str) -> tuple[int, Any]:
         user = _acting_for(caller, request)
         body = await request.parse(TokenIn)
-        token = body.token.lower() if len(body.token) == 64 else body.token  # APNs hex
-        count = await store.logout_token(self.pool, user, token)
+        count = await store.logout_token(self.pool, user, body.token)
         return self._logged_out(count, "no active token like that")
 
     def _logged_out(self, count: int, missing: str) -> tuple[int, Any]:

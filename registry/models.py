@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.common import MAX_TOKEN_LENGTH, NotificationType, Platform, UserId
+from schemas.common import MAX_TOKEN_LENGTH, NotificationType, Platform
 
 _APNS_TOKEN = re.compile(r"[0-9a-fA-F]{64}")
 _FCM_TOKEN = re.compile(rf"[A-Za-z0-9_:\-]{{20,{MAX_TOKEN_LENGTH}}}")
@@ -94,6 +94,12 @@ class TokenIn(_Body):
 
     token: str = Field(min_length=1, max_length=MAX_TOKEN_LENGTH)
 
+    @field_validator("token")
+    @classmethod
+    def _as_stored(cls, value: str) -> str:
+        # APNs tokens are stored lower-case (DeviceIn); any other token is case-sensitive.
+        return value.lower() if _APNS_TOKEN.fullmatch(value) else value
+
 
 class DeviceOut(_Body):
     id: int
@@ -135,7 +141,3 @@ class PreferencesBody(_Body):
     @classmethod
     def _zone(cls, value: str) -> str:
         return check_time_zone(value)
-
-
-class ActingFor(_Body):
-    user_id: UserId | None = None
