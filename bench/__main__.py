@@ -174,13 +174,20 @@ async def _seed(conn: asyncpg.Connection, users: int) -> None:
     await conn.execute("ANALYZE")
 
 
+STAGES = ["decode", "broker", "page", "cleanup", "registry", "senders"]
+
+
 async def _main(settings: Settings, args: argparse.Namespace) -> None:
     url = settings.database.url.get_secret_value()
     await migrate(url)
-    bench_decode(args.jobs)
-    await bench_broker(settings, args.jobs)
-    await bench_page_query(url, args.users, settings.worker.page_size)
-    await bench_cleanup(settings, args.dead)
+    if "decode" in args.only:
+        bench_decode(args.jobs)
+    if "broker" in args.only:
+        await bench_broker(settings, args.jobs)
+    if "page" in args.only:
+        await bench_page_query(url, args.users, settings.worker.page_size)
+    if "cleanup" in args.only:
+        await bench_cleanup(settings, args.dead)
 
 
 def main() -> None:
@@ -197,6 +204,14 @@ def main() -> None:
     parser.add_argument(
         "--registrations", type=int, default=8_000, help="registry API requests per phase"
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=STAGES,
+        default=STAGES,
+        metavar="STAGE",
+        help=f"run only these benchmarks, of: {' '.join(STAGES)}",
+    )
     args = parser.parse_args()
     configure_logging(LoggingSettings(level="WARNING"))
     settings = load_settings()
@@ -205,17 +220,19 @@ def main() -> None:
         settings = stack.apply(settings)
         print(f"pushfan bench: broker {stack.broker.kind}, PostgreSQL {stack.database.kind}")
         asyncio.run(_main(settings, args))
-        # Pins the registry API process to one core, this one (and an embedded
-        # PostgreSQL) to the other.
-        bench_registry(
-            settings.database.url.get_secret_value(),
-            args.registrations,
-            pin_database=stack.database.kind == "embedded",
-        )
+        if "registry" in args.only:
+            # Pins the registry API process to one core, this one (and an embedded
+            # PostgreSQL) to the other.
+            bench_registry(
+                settings.database.url.get_secret_value(),
+                args.registrations,
+                pin_database=stack.database.kind == "embedded",
+            )
     finally:
         stack.close()
-    # Senders last: they pin this process to one core and the emulators to the other.
-    bench_senders(args.sends, args.baseline_sends)
+    if "senders" in args.only:
+        # Last: they pin this process to one core and the emulators to the other.
+        bench_senders(args.sends, args.baseline_sends)
 
 
 if __name__ == "__main__":

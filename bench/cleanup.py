@@ -1,9 +1,10 @@
 """Deactivations per second of the cleanup consumer, against its bare statement.
 
-Seeds ``n`` active tokens, publishes one invalid-token event for each, and runs
-:func:`registry.cleanup.consume` until every token is inactive. The clock starts at the
-first deactivation (a consumer group's join is the broker's time, not ours). Baseline in
-the same run: the same statement over the same batches straight from asyncpg, no broker.
+Seeds ``2n`` active tokens, publishes one invalid-token event for half of them, and runs
+:class:`registry.cleanup.Cleanup` until those are inactive (and checks the other half are
+not). The clock starts at the first deactivation (a consumer group's join is the broker's
+time, not ours). Baseline in the same run: the same statement over the same events in
+batches of the same size, one after another on one connection, no broker.
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from pushfan.kafka import ensure_topics, make_consumer, make_producer, start_client
+from pushfan.kafka import ensure_topics, make_producer, start_client
 from pushfan.metrics import Metrics
 from pushfan.settings import Settings
 from registry import cleanup
 from schemas import InvalidTokenEvent
 
-BATCH = 5000
-
 
 async def _seed(conn: asyncpg.Connection, tokens: list[str]) -> None:
     await conn.execute("TRUNCATE device_tokens")
-    records = [(t, f"u-{i}", "android", f"d-{i}", "bench.app") for i, t in enumerate(tokens)]
+    # twice as many rows as reports: the table is never just the burst
+    alive = [f"alive-{i:08d}-{uuid.uuid4().hex}" for i in range(len(tokens))]
+    records = [
+        (t, f"u-{i}", "android", f"d-{i}", "bench.app") for i, t in enumerate(tokens + alive)
+    ]
     await conn.copy_records_to_table(
         "device_tokens",
         records=records,
@@ -53,17 +56,18 @@ def _counted(metrics: Metrics) -> int:
 
 async def bench_cleanup(settings: Settings, n: int) -> None:
     url = settings.database.url.get_secret_value()
+    batch, lanes = settings.hygiene.cleanup_batch_size, settings.hygiene.cleanup_lanes
     tokens = [f"bench-{i:08d}-{uuid.uuid4().hex}" for i in range(n)]
     now = datetime.now(UTC)
     dead = [cleanup.Dead(t, now, "UNREGISTERED") for t in tokens]
     conn = await asyncpg.connect(url)
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=lanes)
     assert pool is not None
     try:
         await _seed(conn, tokens)
         t0 = time.perf_counter()
-        for i in range(0, n, BATCH):
-            await cleanup.deactivate(pool, dead[i : i + BATCH])
+        for i in range(0, n, batch):
+            await cleanup.deactivate(pool, sorted(dead[i : i + batch], key=lambda d: d.token))
         bare = time.perf_counter() - t0
         assert await _inactive(conn) == n
 
@@ -87,13 +91,18 @@ async def bench_cleanup(settings: Settings, n: int) -> None:
         finally:
             await producer.stop()
 
-        consumer = make_consumer(kafka, own.invalid_tokens, group_id=f"bench-{uuid.uuid4().hex}")
-        await start_client(consumer, kafka)
-        stop = asyncio.Event()
         metrics = Metrics()
-        task = asyncio.create_task(
-            cleanup.consume(consumer, pool, metrics, batch_size=BATCH, stop=stop)
+        consumer = cleanup.Cleanup(
+            kafka,
+            pool,
+            metrics,
+            group_id=f"bench-{uuid.uuid4().hex}",
+            batch_size=batch,
+            lanes=lanes,
         )
+        await consumer.start()
+        stop = asyncio.Event()
+        task = asyncio.create_task(consumer.run(stop))
         try:
             started = 0.0
             while True:  # polled: the clock starts at the first deactivation
@@ -107,12 +116,12 @@ async def bench_cleanup(settings: Settings, n: int) -> None:
         finally:
             stop.set()
             await task
-            await consumer.stop()
+            await consumer.close()
         assert await _inactive(conn) == n
         print(
             f"cleanup consumer      {n / consumed:>12,.0f}/s deactivations   bare statement "
-            f"{n / bare:>12,.0f}/s   ratio {bare / consumed:.2f}   ({n:,} events, batches of "
-            f"{BATCH:,}, all {done:,} deactivated)"
+            f"{n / bare:>12,.0f}/s   ratio {bare / consumed:.2f}   ({n:,} events of {2 * n:,}"
+            f" tokens, batches of {batch:,} in {lanes} lanes, all {done:,} deactivated)"
         )
     finally:
         await pool.close()

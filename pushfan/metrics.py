@@ -57,6 +57,11 @@ class Metrics:
             "Invalid-token events the cleanup consumer could not parse.",
             registry=r,
         )
+        self.cleanup_committed = Counter(
+            f"{PREFIX}_cleanup_committed_events",
+            "Invalid-token events the cleanup consumer wrote and committed.",
+            registry=r,
+        )
         self.hygiene_runs = Counter(
             f"{PREFIX}_hygiene_runs", "Token hygiene passes completed.", registry=r
         )

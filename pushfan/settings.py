@@ -194,7 +194,14 @@ class HygieneSettings(_Section):
     batch_size: int = Field(10_000, ge=1, description="Rows per hygiene statement.")
     interval_s: float = Field(3600, gt=0, description="Time between passes with --loop.")
     cleanup_batch_size: int = Field(
-        5000, ge=1, description="Invalid-token events the cleanup consumer reads per batch."
+        10_000, ge=1, description="Invalid-token events the cleanup consumer reads per batch."
+    )
+    cleanup_lanes: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Statements that write one cleanup batch at once, each on its own"
+        " connection over a disjoint range of tokens.",
     )
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+from aiokafka import TopicPartition
 
 from pushfan.kafka import assign_all, ensure_topics, make_consumer, make_producer, start_client
 from pushfan.metrics import Metrics
@@ -58,27 +60,55 @@ async def _publish(kafka: KafkaSettings, values: list[bytes]) -> None:
         await producer.stop()
 
 
+async def _committed(kafka: KafkaSettings, group: str) -> dict[TopicPartition, int]:
+    """What ``group`` would resume from, per partition, read by a group-less reader."""
+    reader = make_consumer(kafka, group_id=group)
+    await start_client(reader, kafka)
+    try:
+        await assign_all(reader, kafka.topics.invalid_tokens)
+        return {p: await reader.committed(p) or 0 for p in sorted(reader.assignment())}
+    finally:
+        await reader.stop()
+
+
+async def _ends(kafka: KafkaSettings) -> dict[TopicPartition, int]:
+    reader = make_consumer(kafka, group_id=None)
+    await start_client(reader, kafka)
+    try:
+        await assign_all(reader, kafka.topics.invalid_tokens)
+        partitions = sorted(reader.assignment())
+        ends: dict[TopicPartition, int] = await reader.end_offsets(partitions)
+        return ends
+    finally:
+        await reader.stop()
+
+
 async def _consume_until_committed(
-    kafka: KafkaSettings, db: asyncpg.Pool, metrics: Metrics, count: int, group: str
+    kafka: KafkaSettings,
+    db: asyncpg.Pool,
+    metrics: Metrics,
+    count: int,
+    group: str,
+    **options: int,
 ) -> None:
     """Run the consumer until it has committed ``count`` records, then stop it."""
-    consumer = make_consumer(kafka, kafka.topics.invalid_tokens, group_id=group)
-    await start_client(consumer, kafka)
+    consumer = cleanup.Cleanup(kafka, db, metrics, group_id=group, **options)
+    await consumer.start()
     stop = asyncio.Event()
-    task = asyncio.create_task(cleanup.consume(consumer, db, metrics, stop=stop))
+    task = asyncio.create_task(consumer.run(stop))
     try:
         async with asyncio.timeout(30):
             while True:
                 await asyncio.sleep(0.1)
                 committed = 0
-                for partition in consumer.assignment():
-                    committed += await consumer.committed(partition) or 0
+                for partition in consumer.consumer.assignment():
+                    committed += await consumer.consumer.committed(partition) or 0
                 if committed >= count:
                     break
     finally:
         stop.set()
         await task
-        await consumer.stop()
+        await consumer.close()
 
 
 async def _active(db: asyncpg.Pool, token: str) -> tuple[bool, str | None]:
@@ -134,17 +164,152 @@ async def test_offsets_are_committed_after_the_write(
     await _consume_until_committed(kafka, db, Metrics(), 3, group)
 
     # what the group would resume from: past every record (nothing read twice)
-    reader = make_consumer(kafka, group_id=group)
-    await start_client(reader, kafka)
-    try:
-        await assign_all(reader, kafka.topics.invalid_tokens)
-        partitions = sorted(reader.assignment())
-        committed = [await reader.committed(p) or 0 for p in partitions]
-        ends = await reader.end_offsets(partitions)
-    finally:
-        await reader.stop()
-    assert committed == [ends[p] for p in partitions]
+    assert await _committed(kafka, group) == await _ends(kafka)
     assert [await _active(db, t) for t in tokens] == [(False, "Unregistered")] * 3
+
+
+async def test_a_batch_is_written_in_lanes_over_several_polls(
+    kafka: KafkaSettings, db: asyncpg.Pool, group: str
+) -> None:
+    tokens = [await _registered(db) for _ in range(40)]
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    await _publish(kafka, [_event(t, later, reason=f"R{i % 3}") for i, t in enumerate(tokens)])
+    metrics = Metrics()
+
+    # 7 records a poll, written as up to 3 statements at once: 6 polls, pipelined
+    await _consume_until_committed(kafka, db, metrics, 40, group, batch_size=7, lanes=3)
+
+    assert [await _active(db, t) for t in tokens] == [
+        (False, f"R{i % 3}") for i in range(len(tokens))
+    ]
+    counted = {r: metrics.deactivations.labels(r)._value.get() for r in ("R0", "R1", "R2")}
+    assert counted == {"R0": 14, "R1": 13, "R2": 13}
+    assert await _committed(kafka, group) == await _ends(kafka)
+
+
+async def test_a_failed_write_commits_nothing(
+    kafka: KafkaSettings, db: asyncpg.Pool, group: str
+) -> None:
+    token = await _registered(db)
+    await _publish(kafka, [_event(token, datetime.now(UTC) + timedelta(seconds=5))])
+    broken = await asyncpg.create_pool(
+        db._connect_args[0],  # type: ignore[attr-defined]
+        min_size=0,
+        server_settings={"default_transaction_read_only": "on"},
+    )
+    assert broken is not None
+    consumer = cleanup.Cleanup(kafka, broken, Metrics(), group_id=group)
+    await consumer.start()
+    try:
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            async with asyncio.timeout(30):
+                await consumer.run(asyncio.Event())
+    finally:
+        await consumer.close()
+        await broken.close()
+
+    assert await _active(db, token) == (True, None)
+    assert set((await _committed(kafka, group)).values()) == {0}
+
+
+class _Revoking(logging.Handler):
+    """Set when a member of the group starts giving up partitions it holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Revoking previously assigned") and "TopicPartition(" in message:
+            self.seen.set()
+
+
+async def test_a_rebalance_waits_for_the_batch_being_written(
+    kafka: KafkaSettings, db: asyncpg.Pool, group: str
+) -> None:
+    tokens = [await _registered(db) for _ in range(60)]
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    producer = make_producer(kafka)
+    await start_client(producer, kafka)
+    try:  # both partitions: after the rebalance, one of them is the other member's
+        for i, token in enumerate(tokens):
+            await producer.send_and_wait(
+                kafka.topics.invalid_tokens, _event(token, later), partition=i % 2
+            )
+    finally:
+        await producer.stop()
+    metrics = Metrics(), Metrics()
+    members = [cleanup.Cleanup(kafka, db, m, group_id=group) for m in metrics]
+    stops = asyncio.Event(), asyncio.Event()
+    revoking = _Revoking()
+    logging.getLogger("aiokafka.consumer.group_coordinator").addHandler(revoking)
+    # a registration of one of the tokens holds its row: the batch's write waits for it
+    holder = await db.acquire()
+    held = holder.transaction()
+    await held.start()
+    await holder.execute("SELECT 1 FROM device_tokens WHERE token = $1 FOR UPDATE", tokens[0])
+    running: list[asyncio.Task[None]] = []
+    released = False
+    try:
+        await members[0].start()
+        running.append(asyncio.create_task(members[0].run(stops[0])))
+        async with asyncio.timeout(60):
+            while True:  # until the first member's write waits on the row lock
+                waiting = await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"
+                )
+                if waiting:
+                    break
+                await asyncio.sleep(0.05)
+            # a second member joins (its start returns once the group has settled), so
+            # the first must hand partitions over while its write waits on the lock
+            joining = asyncio.create_task(members[1].start())
+            await revoking.seen.wait()
+            # the rebalance cannot finish while the first member's write is outstanding:
+            # after twice what a join takes here (about 5 s), the group still waits for it
+            await asyncio.wait([joining], timeout=10)
+            assert not joining.done()
+            await held.rollback()  # the write goes through; only then may the rebalance end
+            released = True
+            await joining
+            running.append(asyncio.create_task(members[1].run(stops[1])))
+            while True:
+                if await _committed(kafka, group) == await _ends(kafka):
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        logging.getLogger("aiokafka.consumer.group_coordinator").removeHandler(revoking)
+        if not released:
+            await held.rollback()
+        await db.release(holder)
+        for stop in stops:
+            stop.set()
+        await asyncio.gather(*running)
+        for member in members:
+            await member.close()
+
+    assert [await _active(db, t) for t in tokens] == [(False, "Unregistered")] * 60
+    # the first member committed its batch before handing the partition over: the second
+    # member never read it again
+    assert [m.cleanup_committed._value.get() for m in metrics] == [60, 0]
+
+
+def test_split_gives_disjoint_sorted_ranges() -> None:
+    now = datetime.now(UTC)
+    dead = cleanup.latest_per_token(
+        InvalidTokenEvent(token=t, platform="web", reason="x", observed_at=now)
+        for t in ["c", "a", "b", "a", "e", "d", "f"]
+    )
+    assert [d.token for d in dead] == ["a", "b", "c", "d", "e", "f"]
+    assert [[d.token for d in part] for part in cleanup.split(dead, 4)] == [
+        ["a", "b"],
+        ["c", "d"],
+        ["e", "f"],
+    ]
+    assert cleanup.split(dead, 1) == [dead]
+    assert cleanup.split([], 3) == []
 
 
 async def test_hygiene_deactivates_stale_tokens_and_purges_old_rows(db: asyncpg.Pool) -> None:
