@@ -3,7 +3,8 @@
 Every rule here answers 422 with the field and the reason, never a 5xx: APNs tokens are
 64 hex digits (stored lower-case, so one device is one row whatever the app sent); FCM
 tokens (android, web) are 20-1024 characters of FCM's alphabet; time zones must exist in
-the IANA database; quiet hours need both ends. Validation errors never echo the token.
+the IANA database; quiet hours need two different ends. Validation errors never echo
+the token.
 """
 
 from __future__ import annotations
@@ -124,6 +125,17 @@ class RegisteredOut(_Body):
 class QuietHours(_Body):
     start: time = Field(description="Local time quiet hours begin, e.g. 22:00.")
     end: time = Field(description="Local time they end, e.g. 07:00 (may be the next day).")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Self:
+        # Equal ends could mean "never quiet" or "always quiet"; whichever we stored, the
+        # app that sent it meant something else. Off is said by leaving quiet_hours out.
+        if self.start == self.end:
+            raise ValueError(
+                "quiet_hours start and end are equal, an empty window:"
+                " omit quiet_hours to turn them off"
+            )
+        return self
 
 
 class PreferencesBody(_Body):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import httpx
 import jwt
 import pytest
@@ -218,6 +220,38 @@ async def test_invalid_preferences_are_422(http: httpx.AsyncClient) -> None:
         {"types": {"Bad Type!": True}},
     ):
         assert (await http.put("/v1/preferences", json=body, headers=auth)).status_code == 422
+
+
+@pytest.mark.parametrize("end", ["22:00", "22:00:00"])
+async def test_quiet_hours_that_start_when_they_end_are_422(
+    http: httpx.AsyncClient, end: str
+) -> None:
+    auth = bearer(_id("u"))
+    body = {"time_zone": "UTC", "quiet_hours": {"start": "22:00", "end": end}}
+
+    response = await http.put("/v1/preferences", json=body, headers=auth)
+
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert [d["field"] for d in error["details"]] == ["quiet_hours"]
+    assert "an empty window: omit quiet_hours to turn them off" in error["message"]
+    assert (await http.get("/v1/preferences", headers=auth)).json()["quiet_hours"] is None
+
+
+async def test_quiet_hours_stored_before_the_rule_still_read(
+    http: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    user = _id("u")
+    await db.execute(
+        "INSERT INTO user_preferences (user_id, quiet_start, quiet_end) VALUES ($1, $2, $2)",
+        user,
+        dt.time(22, 0),
+    )
+
+    response = await http.get("/v1/preferences", headers=bearer(user))
+
+    assert response.status_code == 200
+    assert response.json()["quiet_hours"] == {"start": "22:00:00", "end": "22:00:00"}
 
 
 async def test_health_readiness_metrics_and_openapi(http: httpx.AsyncClient) -> None:
