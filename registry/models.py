@@ -24,10 +24,11 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.common import MAX_TOKEN_LENGTH, NotificationType, Platform
+from schemas.common import MAX_TOKEN_LENGTH, NotificationType, Platform, UserId
 
+_TOKEN_CHARS = r"[A-Za-z0-9_:\-]"  # FCM's alphabet; APNs hex is a subset
 _APNS_TOKEN = re.compile(r"[0-9a-fA-F]{64}")
-_FCM_TOKEN = re.compile(rf"[A-Za-z0-9_:\-]{{20,{MAX_TOKEN_LENGTH}}}")
+_FCM_TOKEN = re.compile(rf"{_TOKEN_CHARS}{{20,{MAX_TOKEN_LENGTH}}}")
 
 DeviceId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\s\x00-\x1f\x7f-\x9f]+$")
@@ -93,7 +94,9 @@ class DeviceIn(_Body):
 class TokenIn(_Body):
     """``POST /v1/devices/unregister``: log a token out (kept out of URLs and their logs)."""
 
-    token: str = Field(min_length=1, max_length=MAX_TOKEN_LENGTH)
+    # No token of another alphabet was ever registered, and a NUL byte would otherwise
+    # reach PostgreSQL, which refuses it (a 500).
+    token: str = Field(min_length=1, max_length=MAX_TOKEN_LENGTH, pattern=rf"^{_TOKEN_CHARS}+$")
 
     @field_validator("token")
     @classmethod
@@ -113,6 +116,19 @@ class DeviceOut(_Body):
     time_zone: str | None
     created_at: str
     last_seen_at: str
+
+
+class DeviceRef(_Body):
+    """``DELETE /v1/devices/{device_id}?app_id=``: the path and query, checked like bodies."""
+
+    device_id: DeviceId
+    app_id: AppId | None = None
+
+
+class UserRef(_Body):
+    """The user a request is about (``?user_id=``, or the caller's own ``sub``)."""
+
+    user_id: UserId
 
 
 class RegisteredOut(_Body):

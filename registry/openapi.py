@@ -8,7 +8,15 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from registry.models import DeviceIn, DeviceOut, PreferencesBody, RegisteredOut, TokenIn
+from registry.models import (
+    DeviceIn,
+    DeviceOut,
+    DeviceRef,
+    PreferencesBody,
+    RegisteredOut,
+    TokenIn,
+    UserRef,
+)
 
 _MODELS: list[type[BaseModel]] = [DeviceIn, DeviceOut, PreferencesBody, RegisteredOut, TokenIn]
 
@@ -44,6 +52,18 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(c): {"description": text[c], **_json("#/components/schemas/Error")} for c in codes}
 
 
+def _field(model: type[BaseModel], name: str) -> dict[str, Any]:
+    """The JSON Schema of one field of ``model``, for a parameter validated by it."""
+    schema = dict(model.model_json_schema()["properties"][name])
+    schema.pop("title", None)
+    schema.pop("default", None)
+    # An optional query parameter is absent, never null: keep the string branch.
+    for branch in schema.pop("anyOf", []):
+        if branch.get("type") != "null":
+            schema.update(branch)
+    return schema
+
+
 def openapi_document() -> dict[str, Any]:
     _, schemas = models_json_schema(
         [(m, "validation") for m in _MODELS], ref_template="#/components/schemas/{model}"
@@ -55,7 +75,7 @@ def openapi_document() -> dict[str, Any]:
         "in": "query",
         "required": False,
         "description": "Service tokens only: the user to act for.",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+        "schema": _field(UserRef, "user_id"),
     }
     secured = {"security": [{"bearer": []}], "parameters": [user_param]}
     ref = "#/components/schemas/"
@@ -83,7 +103,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     **secured,
                     "summary": "The user's active devices (tokens masked)",
-                    "responses": {"200": {"description": "Devices."}, **_errors(401, 403)},
+                    "responses": {"200": {"description": "Devices."}, **_errors(401, 403, 422)},
                 },
             },
             "/v1/devices/{device_id}": {
@@ -95,17 +115,21 @@ def openapi_document() -> dict[str, Any]:
                             "name": "device_id",
                             "in": "path",
                             "required": True,
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+                            "schema": _field(DeviceRef, "device_id"),
                         },
                         {
                             "name": "app_id",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "string"},
+                            "description": "Only the device's token of this app.",
+                            "schema": _field(DeviceRef, "app_id"),
                         },
                         user_param,
                     ],
-                    "responses": {"204": {"description": "Logged out."}, **_errors(401, 403, 404)},
+                    "responses": {
+                        "204": {"description": "Logged out."},
+                        **_errors(401, 403, 404, 422),
+                    },
                 }
             },
             "/v1/devices/unregister": {
@@ -125,7 +149,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Quiet hours and push on/off per notification type",
                     "responses": {
                         "200": {"description": "Preferences.", **_json(ref + "PreferencesBody")},
-                        **_errors(401, 403),
+                        **_errors(401, 403, 422),
                     },
                 },
                 "put": {

@@ -191,6 +191,59 @@ async def test_malformed_json_too_big_unknown_route_and_method(http: httpx.Async
     assert method.status_code == 405
 
 
+@pytest.mark.parametrize(
+    ("url", "field"),
+    [
+        ("/v1/devices/%00", "device_id"),  # PostgreSQL refuses NUL bytes (was a 500)
+        ("/v1/devices/tab%09tab", "device_id"),
+        ("/v1/devices/" + "d" * 129, "device_id"),
+        ("/v1/devices/dev-1?app_id=", "app_id"),
+        ("/v1/devices/dev-1?app_id=no%20spaces", "app_id"),
+        ("/v1/devices/dev-1?user_id=", "user_id"),  # blank is no user id, not "myself"
+    ],
+    ids=["nul", "tab", "long", "blank-app", "app", "blank-user"],
+)
+async def test_path_and_query_parameters_are_checked_like_bodies(
+    http: httpx.AsyncClient, url: str, field: str
+) -> None:
+    response = await http.delete(url, headers=bearer(_id("u")))
+
+    assert response.status_code == 422
+    assert [d["field"] for d in response.json()["error"]["details"]] == [field]
+
+
+async def test_a_device_id_is_percent_decoded_once(http: httpx.AsyncClient) -> None:
+    # "%2500" is the device id "%00": decoded twice it was a NUL byte, and a 500
+    response = await http.delete("/v1/devices/%2500", headers=bearer(_id("u")))
+
+    assert response.status_code == 404
+
+
+async def test_a_blank_user_id_is_422_for_every_caller(http: httpx.AsyncClient) -> None:
+    service = bearer("orders-backend", scope="devices:admin")
+
+    assert (await http.get("/v1/devices?user_id=", headers=service)).status_code == 422
+    assert (await http.get("/v1/preferences?user_id=", headers=bearer("u"))).status_code == 422
+
+
+async def test_a_device_id_holding_a_slash_can_be_logged_out(http: httpx.AsyncClient) -> None:
+    auth, dev = bearer(_id("u")), _id("dev") + "/tablet"
+    await http.post("/v1/devices", json=device(apns_token(), dev), headers=auth)
+
+    response = await http.delete("/v1/devices/" + dev.replace("/", "%2F"), headers=auth)
+
+    assert response.status_code == 204
+    assert (await http.get("/v1/devices", headers=auth)).json() == {"devices": []}
+
+
+async def test_unregister_refuses_a_token_no_platform_issues(http: httpx.AsyncClient) -> None:
+    for token in ("\x00", "not a token", "ü" * 30):
+        response = await http.post(
+            "/v1/devices/unregister", json={"token": token}, headers=bearer(_id("u"))
+        )
+        assert response.status_code == 422, token  # a NUL byte was a 500
+
+
 async def test_preferences_round_trip_and_defaults(http: httpx.AsyncClient) -> None:
     auth = bearer(_id("u"))
     default = await http.get("/v1/preferences", headers=auth)
