@@ -56,9 +56,17 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
+        self.headers = headers or []
 
 
 class Request:
@@ -127,11 +135,12 @@ class RegistryApp:
         started = time.perf_counter()
         method, path = scope["method"], scope["path"]
         route, status = "unmatched", 500
+        headers: list[tuple[bytes, bytes]] = []
         try:
             route, handler, arg = _route(method, path, scope.get("raw_path"))
             status, body, content_type = await self._dispatch(scope, receive, handler, arg)
         except HttpError as exc:
-            status = exc.status
+            status, headers = exc.status, exc.headers
             error: dict[str, Any] = {"code": exc.code, "message": exc.message}
             if exc.details is not None:
                 error["details"] = exc.details
@@ -140,16 +149,10 @@ class RegistryApp:
             log.exception("registry request failed", route=route, method=method)
             body = b'{"error": {"code": "internal", "message": "internal error"}}'
             content_type = "application/json"
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", content_type.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
+        if body:  # a 204 has no content, so no content type either
+            headers.append((b"content-type", content_type.encode()))
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         self.metrics.http_requests.labels(route, str(status)).inc()
         self.metrics.http_latency.labels(route).observe(time.perf_counter() - started)
@@ -174,8 +177,10 @@ class RegistryApp:
         try:
             caller = self.auth.authenticate(request.headers.get("authorization"))
         except AuthError as exc:
-            code = "unauthenticated" if exc.status == 401 else "forbidden"
-            raise HttpError(exc.status, code, exc.message) from None
+            if exc.status == 401:  # RFC 9110: a 401 names the scheme that would be accepted
+                challenge = [(b"www-authenticate", b"Bearer")]
+                raise HttpError(401, "unauthenticated", exc.message, headers=challenge) from None
+            raise HttpError(exc.status, "forbidden", exc.message) from None
         status, payload = await handler(self, request, caller, arg)
         body = b"" if payload is None else json.dumps(payload).encode()
         return status, body, "application/json"
@@ -284,7 +289,8 @@ def _route(method: str, path: str, raw_path: bytes | None) -> tuple[str, Handler
     found = _ROUTES.get((method, path))
     if found is not None:
         return found[0], found[1], ""
-    if not any(p == path for _, p in _ROUTES):
+    allowed = sorted(m for m, p in _ROUTES if p == path)
+    if not allowed:
         # The device id comes from the raw path, decoded once: ``path`` is decoded already,
         # so a second unquote would turn ``%2500`` into a NUL byte, and ``%2F`` (a device
         # id may hold "/") would look like another path segment.
@@ -299,7 +305,13 @@ def _route(method: str, path: str, raw_path: bytes | None) -> tuple[str, Handler
                 RegistryApp.logout_device,
                 device.decode(errors="replace"),
             )
-    raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path}")
+        allowed = ["DELETE"]
+    raise HttpError(
+        405,
+        "method_not_allowed",
+        f"{method} is not allowed on {path}",
+        headers=[(b"allow", ", ".join(allowed).encode())],
+    )
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -49,7 +49,14 @@ def _errors(*codes: int) -> dict[str, Any]:
         413: "Body too large.",
         422: "Invalid body or parameters; `details` names each field.",
     }
-    return {str(c): {"description": text[c], **_json("#/components/schemas/Error")} for c in codes}
+    answers = {
+        str(c): {"description": text[c], **_json("#/components/schemas/Error")} for c in codes
+    }
+    if "401" in answers:
+        answers["401"]["headers"] = {
+            "WWW-Authenticate": {"required": True, "schema": {"type": "string", "const": "Bearer"}}
+        }
+    return answers
 
 
 def _field(model: type[BaseModel], name: str) -> dict[str, Any]:

@@ -149,6 +149,7 @@ async def test_bad_credentials_are_401(http: httpx.AsyncClient, headers: dict[st
 
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "unauthenticated"
+    assert response.headers["www-authenticate"] == "Bearer"
 
 
 @pytest.mark.parametrize(
@@ -189,6 +190,15 @@ async def test_malformed_json_too_big_unknown_route_and_method(http: httpx.Async
     assert too_big.status_code == 413
     assert no_route.status_code == 404
     assert method.status_code == 405
+    assert method.headers["allow"] == "GET, POST"
+    assert "content-type" in method.headers
+
+
+async def test_a_wrong_method_on_a_device_is_405_allowing_delete(http: httpx.AsyncClient) -> None:
+    response = await http.get("/v1/devices/dev-1", headers=bearer(_id("u")))
+
+    assert (response.status_code, response.headers["allow"]) == (405, "DELETE")
+    assert (await http.get("/v1/devices/a/b", headers=bearer(_id("u")))).status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -233,6 +243,7 @@ async def test_a_device_id_holding_a_slash_can_be_logged_out(http: httpx.AsyncCl
     response = await http.delete("/v1/devices/" + dev.replace("/", "%2F"), headers=auth)
 
     assert response.status_code == 204
+    assert "content-type" not in response.headers  # no content, so no type
     assert (await http.get("/v1/devices", headers=auth)).json() == {"devices": []}
 
 
