@@ -36,6 +36,7 @@ from registry import preferences, store
 from registry.auth import Authenticator, AuthError, Caller
 from registry.models import (
     DeviceIn,
+    DeviceList,
     DeviceOut,
     DeviceRef,
     PreferencesBody,
@@ -206,7 +207,7 @@ class RegistryApp:
     async def list_devices(self, request: Request, caller: Caller, _: str) -> tuple[int, Any]:
         user = _acting_for(caller, request)
         found = await store.devices(self.pool, user)
-        return 200, {"devices": [_device_out(d).model_dump() for d in found]}
+        return 200, DeviceList(devices=[_device_out(d) for d in found]).model_dump()
 
     async def logout_device(self, request: Request, caller: Caller, device: str) -> tuple[int, Any]:
         user = _acting_for(caller, request)

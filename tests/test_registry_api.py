@@ -281,9 +281,13 @@ async def test_invalid_preferences_are_422(http: httpx.AsyncClient) -> None:
         {"time_zone": "Nowhere/Land"},
         {"quiet_hours": {"start": "25:00", "end": "07:00"}},
         {"quiet_hours": {"start": "22:00"}},
+        {"quiet_hours": {"start": "22:00+02:00", "end": "07:00"}},  # local times only
+        {"quiet_hours": {"start": 79200, "end": "07:00"}},
         {"types": {"Bad Type!": True}},
+        {"types": {"news": 0}},  # a boolean, not a number
     ):
-        assert (await http.put("/v1/preferences", json=body, headers=auth)).status_code == 422
+        response = await http.put("/v1/preferences", json=body, headers=auth)
+        assert response.status_code == 422, body
 
 
 @pytest.mark.parametrize("end", ["22:00", "22:00:00"])
