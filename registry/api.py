@@ -12,8 +12,9 @@ Routes (``openapi.py`` documents them):
   ``GET /metrics``, ``GET /openapi.json``.
 
 Every bad request is a 4xx with ``{"error": {"code", "message", "details"?}}``; bodies over
-``max_body_bytes`` are refused before they are read. A service caller names the user with
-``?user_id=``. Tokens appear in no URL, log line or response (only fingerprints).
+``max_body_bytes`` are refused before they are read; path and query parameters are checked
+by the same models as bodies. A service caller names the user with ``?user_id=``. Tokens
+appear in no URL, log line or response (only fingerprints).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote_to_bytes
 
 import asyncpg
 import pydantic
@@ -35,11 +36,14 @@ from registry import preferences, store
 from registry.auth import Authenticator, AuthError, Caller
 from registry.models import (
     DeviceIn,
+    DeviceList,
     DeviceOut,
+    DeviceRef,
     PreferencesBody,
     QuietHours,
     RegisteredOut,
     TokenIn,
+    UserRef,
 )
 from registry.openapi import openapi_document
 from schemas import token_fingerprint
@@ -53,16 +57,26 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
+        self.headers = headers or []
 
 
 class Request:
     def __init__(self, scope: Scope, receive: Receive, limit: int) -> None:
         self.scope, self.receive, self.limit = scope, receive, limit
         self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        self.query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        # Blank values kept: ``?user_id=`` is a bad user id (422), not "no user id".
+        query = scope.get("query_string", b"").decode("latin-1")
+        self.query = parse_qs(query, keep_blank_values=True)
 
     async def body(self) -> bytes:
         length = self.headers.get("content-length")
@@ -81,18 +95,23 @@ class Request:
 
     async def parse(self, model: type[M]) -> M:
         raw = await self.body()
-        try:
-            return model.model_validate_json(raw or b"null")
-        except pydantic.ValidationError as exc:
-            details = [
-                {"field": ".".join(str(p) for p in e["loc"]) or "body", "reason": e["msg"]}
-                for e in exc.errors(include_input=False, include_url=False)
-            ]
-            raise HttpError(422, "invalid_request", format_validation_error(exc), details) from None
+        return _validated(lambda: model.model_validate_json(raw or b"null"))
 
-    def user_id(self) -> str | None:
-        values = self.query.get("user_id")
+    def param(self, name: str) -> str | None:
+        values = self.query.get(name)
         return values[-1] if values else None
+
+
+def _validated(build: Callable[[], M]) -> M:
+    """``build()``, with a validation error answered as 422 naming each field."""
+    try:
+        return build()
+    except pydantic.ValidationError as exc:
+        details = [
+            {"field": ".".join(str(p) for p in e["loc"]) or "body", "reason": e["msg"]}
+            for e in exc.errors(include_input=False, include_url=False)
+        ]
+        raise HttpError(422, "invalid_request", format_validation_error(exc), details) from None
 
 
 Handler = Callable[["RegistryApp", Request, Caller, str], Awaitable[tuple[int, Any]]]
@@ -117,11 +136,12 @@ class RegistryApp:
         started = time.perf_counter()
         method, path = scope["method"], scope["path"]
         route, status = "unmatched", 500
+        headers: list[tuple[bytes, bytes]] = []
         try:
-            route, handler, arg = _route(method, path)
+            route, handler, arg = _route(method, path, scope.get("raw_path"))
             status, body, content_type = await self._dispatch(scope, receive, handler, arg)
         except HttpError as exc:
-            status = exc.status
+            status, headers = exc.status, exc.headers
             error: dict[str, Any] = {"code": exc.code, "message": exc.message}
             if exc.details is not None:
                 error["details"] = exc.details
@@ -130,16 +150,10 @@ class RegistryApp:
             log.exception("registry request failed", route=route, method=method)
             body = b'{"error": {"code": "internal", "message": "internal error"}}'
             content_type = "application/json"
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", content_type.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
+        if body:  # a 204 has no content, so no content type either
+            headers.append((b"content-type", content_type.encode()))
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         self.metrics.http_requests.labels(route, str(status)).inc()
         self.metrics.http_latency.labels(route).observe(time.perf_counter() - started)
@@ -164,8 +178,10 @@ class RegistryApp:
         try:
             caller = self.auth.authenticate(request.headers.get("authorization"))
         except AuthError as exc:
-            code = "unauthenticated" if exc.status == 401 else "forbidden"
-            raise HttpError(exc.status, code, exc.message) from None
+            if exc.status == 401:  # RFC 9110: a 401 names the scheme that would be accepted
+                challenge = [(b"www-authenticate", b"Bearer")]
+                raise HttpError(401, "unauthenticated", exc.message, headers=challenge) from None
+            raise HttpError(exc.status, "forbidden", exc.message) from None
         status, payload = await handler(self, request, caller, arg)
         body = b"" if payload is None else json.dumps(payload).encode()
         return status, body, "application/json"
@@ -191,12 +207,12 @@ class RegistryApp:
     async def list_devices(self, request: Request, caller: Caller, _: str) -> tuple[int, Any]:
         user = _acting_for(caller, request)
         found = await store.devices(self.pool, user)
-        return 200, {"devices": [_device_out(d).model_dump() for d in found]}
+        return 200, DeviceList(devices=[_device_out(d) for d in found]).model_dump()
 
     async def logout_device(self, request: Request, caller: Caller, device: str) -> tuple[int, Any]:
         user = _acting_for(caller, request)
-        app_id = request.query.get("app_id", [None])[-1]
-        count = await store.logout_device(self.pool, user, device, app_id)
+        ref = _validated(lambda: DeviceRef(device_id=device, app_id=request.param("app_id")))
+        count = await store.logout_device(self.pool, user, ref.device_id, ref.app_id)
         return self._logged_out(count, "no active device with that id")
 
     async def unregister(self, request: Request, caller: Caller, _: str) -> tuple[int, Any]:
@@ -215,8 +231,9 @@ class RegistryApp:
     async def get_preferences(self, request: Request, caller: Caller, _: str) -> tuple[int, Any]:
         user = _acting_for(caller, request)
         zone, quiet, types = await preferences.get(self.pool, user)
-        hours = None if quiet is None else QuietHours(start=quiet[0], end=quiet[1])
-        body = PreferencesBody(time_zone=zone, quiet_hours=hours, types=types)
+        # Read back unvalidated: rows stored before start == end was refused must still read.
+        hours = None if quiet is None else QuietHours.model_construct(start=quiet[0], end=quiet[1])
+        body = PreferencesBody.model_construct(time_zone=zone, quiet_hours=hours, types=types)
         return 200, body.model_dump(mode="json")
 
     async def put_preferences(self, request: Request, caller: Caller, _: str) -> tuple[int, Any]:
@@ -229,13 +246,14 @@ class RegistryApp:
 
 
 def _acting_for(caller: Caller, request: Request) -> str:
+    named = request.param("user_id")
+    # Checked before the caller may act for it: a malformed id is a 422 for anyone, and
+    # the caller's own ``sub`` must pass the same rule to be stored as a user id.
+    _validated(lambda: UserRef(user_id=caller.subject if named is None else named))
     try:
-        user = caller.acting_for(request.user_id())
+        return caller.acting_for(named)
     except AuthError as exc:
         raise HttpError(exc.status, "forbidden", exc.message) from None
-    if not 1 <= len(user) <= 128 or not user.isprintable() or " " in user:
-        raise HttpError(422, "invalid_request", "user_id must be 1-128 printable characters")
-    return user
 
 
 def _device_out(d: store.Device) -> DeviceOut:
@@ -264,22 +282,37 @@ _ROUTES: dict[tuple[str, str], tuple[str, Handler | str]] = {
     ("GET", "/metrics"): ("/metrics", "metrics"),
     ("GET", "/openapi.json"): ("/openapi.json", "openapi"),
 }
-_DEVICE_PREFIX = "/v1/devices/"
+_DEVICE_PREFIX = b"/v1/devices/"
 
 
-def _route(method: str, path: str) -> tuple[str, Handler | str, str]:
+def _route(method: str, path: str, raw_path: bytes | None) -> tuple[str, Handler | str, str]:
     """(route template, handler, path argument); raises 404 or 405."""
     found = _ROUTES.get((method, path))
     if found is not None:
         return found[0], found[1], ""
-    if path.startswith(_DEVICE_PREFIX) and path != "/v1/devices/unregister":
-        device = unquote(path[len(_DEVICE_PREFIX) :])
-        if method == "DELETE" and device and "/" not in device:
-            return "/v1/devices/{device_id}", RegistryApp.logout_device, device
-        raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path}")
-    if any(p == path for _, p in _ROUTES):
-        raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path}")
-    raise HttpError(404, "not_found", f"no route {path}")
+    allowed = sorted(m for m, p in _ROUTES if p == path)
+    if not allowed:
+        # The device id comes from the raw path, decoded once: ``path`` is decoded already,
+        # so a second unquote would turn ``%2500`` into a NUL byte, and ``%2F`` (a device
+        # id may hold "/") would look like another path segment.
+        raw = path.encode() if raw_path is None else raw_path
+        rest = raw[len(_DEVICE_PREFIX) :] if raw.startswith(_DEVICE_PREFIX) else b""
+        if not rest or b"/" in rest:
+            raise HttpError(404, "not_found", f"no route {path}")
+        if method == "DELETE":
+            device = rest if raw_path is None else unquote_to_bytes(rest)
+            return (
+                "/v1/devices/{device_id}",
+                RegistryApp.logout_device,
+                device.decode(errors="replace"),
+            )
+        allowed = ["DELETE"]
+    raise HttpError(
+        405,
+        "method_not_allowed",
+        f"{method} is not allowed on {path}",
+        headers=[(b"allow", ", ".join(allowed).encode())],
+    )
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -1,31 +1,60 @@
 """The registry API's OpenAPI 3.1 document, built from the same pydantic models that
-validate requests, so the document cannot drift from what the API accepts."""
+validate requests, so the document cannot drift from what the API accepts.
+
+``tests/test_registry_fuzz.py`` holds the server to it: every status an operation can
+answer is listed here, and every body matches the schema listed for its status."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from registry.models import DeviceIn, DeviceOut, PreferencesBody, RegisteredOut, TokenIn
+from registry.models import (
+    DeviceIn,
+    DeviceList,
+    DeviceRef,
+    PreferencesBody,
+    RegisteredOut,
+    TimeZone,
+    TokenIn,
+    UserRef,
+)
 
-_MODELS: list[type[BaseModel]] = [DeviceIn, DeviceOut, PreferencesBody, RegisteredOut, TokenIn]
+_MODELS: list[type[BaseModel]] = [DeviceIn, DeviceList, PreferencesBody, RegisteredOut, TokenIn]
 
 _ERROR = {
     "type": "object",
     "required": ["error"],
+    "additionalProperties": False,
     "properties": {
         "error": {
             "type": "object",
             "required": ["code", "message"],
+            "additionalProperties": False,
             "properties": {
                 "code": {"type": "string"},
                 "message": {"type": "string"},
-                "details": {"type": "array", "items": {"type": "object"}},
+                "details": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["field", "reason"],
+                        "additionalProperties": False,
+                        "properties": {"field": {"type": "string"}, "reason": {"type": "string"}},
+                    },
+                },
             },
         }
     },
+}
+
+_STATUS = {
+    "type": "object",
+    "required": ["status"],
+    "additionalProperties": False,
+    "properties": {"status": {"type": "string"}},
 }
 
 
@@ -40,8 +69,64 @@ def _errors(*codes: int) -> dict[str, Any]:
         404: "Nothing of the caller's matched.",
         413: "Body too large.",
         422: "Invalid body or parameters; `details` names each field.",
+        503: "The database does not answer.",
     }
-    return {str(c): {"description": text[c], **_json("#/components/schemas/Error")} for c in codes}
+    answers = {
+        str(c): {"description": text[c], **_json("#/components/schemas/Error")} for c in codes
+    }
+    if "401" in answers:
+        answers["401"]["headers"] = {
+            "WWW-Authenticate": {"required": True, "schema": {"type": "string", "const": "Bearer"}}
+        }
+    return answers
+
+
+def _field(model: type[BaseModel], name: str) -> dict[str, Any]:
+    """The JSON Schema of one field of ``model``, for a parameter validated by it."""
+    schema = dict(model.model_json_schema()["properties"][name])
+    schema.pop("title", None)
+    schema.pop("default", None)
+    # An optional query parameter is absent, never null: keep the string branch.
+    for branch in schema.pop("anyOf", []):
+        if branch.get("type") != "null":
+            schema.update(branch)
+    return schema
+
+
+def _keys_must_match(node: Any) -> None:
+    """Move the key pattern of ``dict[Constrained, V]`` into ``propertyNames``.
+
+    pydantic writes it as ``patternProperties``, which leaves a key that misses the
+    pattern unconstrained, while the API refuses it: the document would call a body
+    valid that gets a 422."""
+    if isinstance(node, dict):
+        patterns = node.get("patternProperties")
+        names = node.get("propertyNames")
+        if isinstance(patterns, dict) and len(patterns) == 1 and isinstance(names, dict):
+            ((pattern, values),) = patterns.items()
+            node["propertyNames"] = {**names, "pattern": pattern}
+            node["additionalProperties"] = values
+            del node["patternProperties"]
+        for child in node.values():
+            _keys_must_match(child)
+    elif isinstance(node, list):
+        for child in node:
+            _keys_must_match(child)
+
+
+def _shared(node: Any, schema: dict[str, Any], ref: str) -> None:
+    """Point every inline copy of ``schema`` (its ``enum``) at ``ref`` instead: the
+    time zone list is hundreds of names, written once rather than in every body."""
+    if isinstance(node, dict):
+        if node.get("enum") == schema["enum"]:
+            for key in schema:
+                node.pop(key, None)
+            node["$ref"] = ref
+        for child in node.values():
+            _shared(child, schema, ref)
+    elif isinstance(node, list):
+        for child in node:
+            _shared(child, schema, ref)
 
 
 def openapi_document() -> dict[str, Any]:
@@ -50,12 +135,17 @@ def openapi_document() -> dict[str, Any]:
     )
     components = dict(schemas.get("$defs", {}))
     components["Error"] = _ERROR
+    components["Status"] = _STATUS
+    _keys_must_match(components)
+    zones = TypeAdapter(TimeZone).json_schema()
+    _shared(components, zones, "#/components/schemas/TimeZone")
+    components["TimeZone"] = {**zones, "description": "An IANA time zone, e.g. Europe/Berlin."}
     user_param = {
         "name": "user_id",
         "in": "query",
         "required": False,
         "description": "Service tokens only: the user to act for.",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+        "schema": _field(UserRef, "user_id"),
     }
     secured = {"security": [{"bearer": []}], "parameters": [user_param]}
     ref = "#/components/schemas/"
@@ -83,7 +173,10 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     **secured,
                     "summary": "The user's active devices (tokens masked)",
-                    "responses": {"200": {"description": "Devices."}, **_errors(401, 403)},
+                    "responses": {
+                        "200": {"description": "Devices.", **_json(ref + "DeviceList")},
+                        **_errors(401, 403, 422),
+                    },
                 },
             },
             "/v1/devices/{device_id}": {
@@ -95,17 +188,21 @@ def openapi_document() -> dict[str, Any]:
                             "name": "device_id",
                             "in": "path",
                             "required": True,
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+                            "schema": _field(DeviceRef, "device_id"),
                         },
                         {
                             "name": "app_id",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "string"},
+                            "description": "Only the device's token of this app.",
+                            "schema": _field(DeviceRef, "app_id"),
                         },
                         user_param,
                     ],
-                    "responses": {"204": {"description": "Logged out."}, **_errors(401, 403, 404)},
+                    "responses": {
+                        "204": {"description": "Logged out."},
+                        **_errors(401, 403, 404, 422),
+                    },
                 }
             },
             "/v1/devices/unregister": {
@@ -125,7 +222,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Quiet hours and push on/off per notification type",
                     "responses": {
                         "200": {"description": "Preferences.", **_json(ref + "PreferencesBody")},
-                        **_errors(401, 403),
+                        **_errors(401, 403, 422),
                     },
                 },
                 "put": {
@@ -139,12 +236,18 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
             "/healthz": {
-                "get": {"summary": "Liveness", "responses": {"200": {"description": "Up."}}}
+                "get": {
+                    "summary": "Liveness",
+                    "responses": {"200": {"description": "Up.", **_json(ref + "Status")}},
+                }
             },
             "/readyz": {
                 "get": {
                     "summary": "Readiness: the database answers",
-                    "responses": {"200": {"description": "Ready."}, "503": {"description": "Not."}},
+                    "responses": {
+                        "200": {"description": "Ready.", **_json(ref + "Status")},
+                        **_errors(503),
+                    },
                 }
             },
         },

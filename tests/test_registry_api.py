@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import httpx
 import jwt
 import pytest
@@ -147,6 +149,7 @@ async def test_bad_credentials_are_401(http: httpx.AsyncClient, headers: dict[st
 
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "unauthenticated"
+    assert response.headers["www-authenticate"] == "Bearer"
 
 
 @pytest.mark.parametrize(
@@ -187,6 +190,69 @@ async def test_malformed_json_too_big_unknown_route_and_method(http: httpx.Async
     assert too_big.status_code == 413
     assert no_route.status_code == 404
     assert method.status_code == 405
+    assert method.headers["allow"] == "GET, POST"
+    assert "content-type" in method.headers
+
+
+async def test_a_wrong_method_on_a_device_is_405_allowing_delete(http: httpx.AsyncClient) -> None:
+    response = await http.get("/v1/devices/dev-1", headers=bearer(_id("u")))
+
+    assert (response.status_code, response.headers["allow"]) == (405, "DELETE")
+    assert (await http.get("/v1/devices/a/b", headers=bearer(_id("u")))).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("url", "field"),
+    [
+        ("/v1/devices/%00", "device_id"),  # PostgreSQL refuses NUL bytes (was a 500)
+        ("/v1/devices/tab%09tab", "device_id"),
+        ("/v1/devices/" + "d" * 129, "device_id"),
+        ("/v1/devices/dev-1?app_id=", "app_id"),
+        ("/v1/devices/dev-1?app_id=no%20spaces", "app_id"),
+        ("/v1/devices/dev-1?user_id=", "user_id"),  # blank is no user id, not "myself"
+    ],
+    ids=["nul", "tab", "long", "blank-app", "app", "blank-user"],
+)
+async def test_path_and_query_parameters_are_checked_like_bodies(
+    http: httpx.AsyncClient, url: str, field: str
+) -> None:
+    response = await http.delete(url, headers=bearer(_id("u")))
+
+    assert response.status_code == 422
+    assert [d["field"] for d in response.json()["error"]["details"]] == [field]
+
+
+async def test_a_device_id_is_percent_decoded_once(http: httpx.AsyncClient) -> None:
+    # "%2500" is the device id "%00": decoded twice it was a NUL byte, and a 500
+    response = await http.delete("/v1/devices/%2500", headers=bearer(_id("u")))
+
+    assert response.status_code == 404
+
+
+async def test_a_blank_user_id_is_422_for_every_caller(http: httpx.AsyncClient) -> None:
+    service = bearer("orders-backend", scope="devices:admin")
+
+    assert (await http.get("/v1/devices?user_id=", headers=service)).status_code == 422
+    assert (await http.get("/v1/preferences?user_id=", headers=bearer("u"))).status_code == 422
+
+
+async def test_a_device_id_holding_a_slash_can_be_logged_out(http: httpx.AsyncClient) -> None:
+    auth, dev = bearer(_id("u")), _id("dev") + "/tablet"
+    await http.post("/v1/devices", json=device(apns_token(), dev), headers=auth)
+
+    response = await http.delete("/v1/devices/" + dev.replace("/", "%2F"), headers=auth)
+
+    assert response.status_code == 204
+    assert "content-type" not in response.headers  # no content, so no type
+    assert (await http.get("/v1/devices", headers=auth)).json() == {"devices": []}
+
+
+async def test_unregister_refuses_a_token_no_platform_issues(http: httpx.AsyncClient) -> None:
+    for token in ("\x00", "not a token", "ü" * 30):
+        response = await http.post(
+            "/v1/devices/unregister", json={"token": token}, headers=bearer(_id("u"))
+        )
+        assert response.status_code == 422, token  # a NUL byte was a 500
 
 
 async def test_preferences_round_trip_and_defaults(http: httpx.AsyncClient) -> None:
@@ -215,9 +281,45 @@ async def test_invalid_preferences_are_422(http: httpx.AsyncClient) -> None:
         {"time_zone": "Nowhere/Land"},
         {"quiet_hours": {"start": "25:00", "end": "07:00"}},
         {"quiet_hours": {"start": "22:00"}},
+        {"quiet_hours": {"start": "22:00+02:00", "end": "07:00"}},  # local times only
+        {"quiet_hours": {"start": 79200, "end": "07:00"}},
         {"types": {"Bad Type!": True}},
+        {"types": {"news": 0}},  # a boolean, not a number
     ):
-        assert (await http.put("/v1/preferences", json=body, headers=auth)).status_code == 422
+        response = await http.put("/v1/preferences", json=body, headers=auth)
+        assert response.status_code == 422, body
+
+
+@pytest.mark.parametrize("end", ["22:00", "22:00:00"])
+async def test_quiet_hours_that_start_when_they_end_are_422(
+    http: httpx.AsyncClient, end: str
+) -> None:
+    auth = bearer(_id("u"))
+    body = {"time_zone": "UTC", "quiet_hours": {"start": "22:00", "end": end}}
+
+    response = await http.put("/v1/preferences", json=body, headers=auth)
+
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert [d["field"] for d in error["details"]] == ["quiet_hours"]
+    assert "an empty window: omit quiet_hours to turn them off" in error["message"]
+    assert (await http.get("/v1/preferences", headers=auth)).json()["quiet_hours"] is None
+
+
+async def test_quiet_hours_stored_before_the_rule_still_read(
+    http: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    user = _id("u")
+    await db.execute(
+        "INSERT INTO user_preferences (user_id, quiet_start, quiet_end) VALUES ($1, $2, $2)",
+        user,
+        dt.time(22, 0),
+    )
+
+    response = await http.get("/v1/preferences", headers=bearer(user))
+
+    assert response.status_code == 200
+    assert response.json()["quiet_hours"] == {"start": "22:00:00", "end": "22:00:00"}
 
 
 async def test_health_readiness_metrics_and_openapi(http: httpx.AsyncClient) -> None:
