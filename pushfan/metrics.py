@@ -7,9 +7,13 @@ own registry and passes it down (tests build their own).
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 PREFIX = "pushfan"
+M = TypeVar("M", bound=MetricWrapperBase)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -65,3 +69,15 @@ class Metrics:
         self.hygiene_runs = Counter(
             f"{PREFIX}_hygiene_runs", "Token hygiene passes completed.", registry=r
         )
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, looked up once: ``labels()`` validates the values
+        and takes a lock on every call, and the registry API makes three such calls a
+        request (about 7% of its instructions, by callgrind). Labels are bounded sets,
+        so this stays small."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found

@@ -155,8 +155,9 @@ class RegistryApp:
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        self.metrics.http_requests.labels(route, str(status)).inc()
-        self.metrics.http_latency.labels(route).observe(time.perf_counter() - started)
+        metrics = self.metrics
+        metrics.child(metrics.http_requests, route, str(status)).inc()
+        metrics.child(metrics.http_latency, route).observe(time.perf_counter() - started)
 
     async def _dispatch(
         self, scope: Scope, receive: Receive, handler: Handler | str, arg: str
@@ -192,7 +193,7 @@ class RegistryApp:
         user = _acting_for(caller, request)
         device = await request.parse(DeviceIn)
         result = await store.register(self.pool, user, store.Registration(**device.model_dump()))
-        self.metrics.registrations.labels(result.change.value).inc()
+        self.metrics.child(self.metrics.registrations, result.change.value).inc()
         if result.replaced:
             self.metrics.device_replacements.inc(result.replaced)
             self.metrics.deactivations.labels("replaced").inc(result.replaced)
