@@ -34,6 +34,7 @@ from pushfan.metrics import Metrics
 from pushfan.settings import RegistrySettings
 from registry import preferences, store
 from registry.auth import Authenticator, AuthError, Caller
+from registry.connections import KeptConnections
 from registry.models import (
     DeviceIn,
     DeviceList,
@@ -118,7 +119,8 @@ Handler = Callable[["RegistryApp", Request, Caller, str], Awaitable[tuple[int, A
 
 
 class RegistryApp:
-    """The ASGI callable. ``pool`` is the registry's database pool."""
+    """The ASGI callable. ``pool`` is the registry's database pool; :meth:`close` gives
+    back the connections registrations keep, before the pool closes."""
 
     def __init__(self, settings: RegistrySettings, pool: asyncpg.Pool, metrics: Metrics) -> None:
         self.settings = settings
@@ -126,6 +128,11 @@ class RegistryApp:
         self.metrics = metrics
         self.auth = Authenticator(settings)
         self.openapi = json.dumps(openapi_document()).encode()
+        # all but one: the other routes always have a connection
+        self.kept = KeptConnections(pool, pool.get_max_size() - 1)
+
+    async def close(self) -> None:
+        await self.kept.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -192,7 +199,8 @@ class RegistryApp:
     async def register(self, request: Request, caller: Caller, _: str) -> tuple[int, Any]:
         user = _acting_for(caller, request)
         device = await request.parse(DeviceIn)
-        result = await store.register(self.pool, user, store.Registration(**device.model_dump()))
+        registration = store.Registration(**device.model_dump())
+        result = await self.kept.run(store.register, user, registration)
         self.metrics.child(self.metrics.registrations, result.change.value).inc()
         if result.replaced:
             self.metrics.device_replacements.inc(result.replaced)

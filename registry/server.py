@@ -59,7 +59,10 @@ async def running(settings: Settings, *, port: int | None = None) -> AsyncIterat
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await pool.close()
+        try:
+            await app.close()  # the pool's close waits for the connections it keeps
+        finally:
+            await pool.close()
 
 
 async def serve(settings: Settings) -> None:

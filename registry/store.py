@@ -140,7 +140,7 @@ class Device:
     last_seen_at: datetime
 
 
-Executor = asyncpg.Connection | asyncpg.Pool
+Executor = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | asyncpg.Pool
 
 
 async def register(db: Executor, user_id: str, reg: Registration) -> Registered:
