@@ -4,14 +4,14 @@ at least 2,000 registrations/s with p99 under 50 ms).
 The API runs as ``pushfan registry`` does (uvicorn, httptools, its own pool) but under
 uvloop, in its own process pinned to one core; the load generator runs in this process
 on another, where the machine has two, and so does PostgreSQL when it was started here
-(embedded), as a database server of its own would not share the API's core. Python HTTP
-clients spend about a millisecond per request, more than the API does, so the load comes
-from a minimal HTTP/1.1 keep-alive client: pre-built requests on persistent connections,
-one request in flight per connection, responses parsed only as far as status and length.
+(embedded), as a database server of its own would not share the API's core. The load
+comes from a minimal HTTP/1.1 keep-alive client (``bench/registry_client.py``); the CPU
+figures from ``/proc`` (``bench/cpu.py``).
 
 Each registration is a distinct user's device (bearer JWT of its own); about 70% are new
-devices and 30% repeats of devices registered in an earlier phase (an app launched
-again). Phases, each on fresh connections:
+devices and 30% repeats of devices registered in an earlier phase (an app launched again,
+with the bearer token it had, which the API has verified already: a new token costs it a
+signature check). Phases, each on fresh connections:
 
 1. warm-up (pool connections, prepared statements, caches);
 2. ``GET /healthz`` as fast as it goes: the same server and client with no database or
@@ -19,7 +19,9 @@ again). Phases, each on fresh connections:
 3. ``POST /v1/devices`` as fast as it goes: registrations/s and latency with every
    connection busy;
 4. ``POST /v1/devices`` offered at a fixed rate on an open-loop schedule: latency counts
-   from when each request was due, so time spent waiting for a free connection counts;
+   from when each request was due, so time spent waiting for a free connection counts
+   (and how late the load generator itself let requests go is printed, to tell the two
+   apart);
 5. ``store.register`` straight on an asyncpg pool from this process, moved to the API's
    core while the API idles: the same statement without HTTP, the other baseline.
 
@@ -44,209 +46,28 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
 import jwt
 import uvloop
 
+from bench.cpu import CpuMeter, find_postmaster, pin_tree
+from bench.registry_client import CONNECTIONS, Result, drive, http_request
 from registry import store
 
 SECRET = "pushfan-bench-registry-secret-of-enough-length"
 APP_ID = "com.example.app"
-CONNECTIONS = 50
 NEW_SHARE = 0.7
 BEHIND_S = 0.05  # an open-loop backlog of more than this many seconds' requests is falling behind
-TICK = 0.001  # paced requests are released in batches this far apart (latency counts from due)
 SERVING = "pushfan registry serving on "
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
-
-
-# --- the HTTP/1.1 client --------------------------------------------------------------
-
-
-def parse_response(buf: bytes | bytearray) -> tuple[int, int] | None:
-    """``(status, length)`` of the HTTP/1.1 response at the start of ``buf``, or None
-    while it is incomplete. Only ``Content-Length`` framing is understood (uvicorn sends
-    it with every response of the registry); raises ValueError on anything else."""
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    status_line, *headers = bytes(buf[:end]).split(b"\r\n")
-    version, _, rest = status_line.partition(b" ")
-    code = rest[:3]
-    if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
-        raise ValueError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
-    status = int(code)
-    length = None
-    for line in headers:
-        name, colon, value = line.partition(b":")
-        if not colon:
-            raise ValueError(f"malformed header line: {line[:80]!r}")
-        name = name.strip().lower()
-        if name == b"content-length":
-            if not value.strip().isdigit():
-                raise ValueError(f"bad content-length: {value[:40]!r}")
-            length = int(value)
-        elif name == b"transfer-encoding":
-            raise ValueError("chunked responses are not supported")
-    if length is None:
-        if not (100 <= status < 200 or status in (204, 304)):
-            raise ValueError(f"response {status} without content-length")
-        length = 0
-    total = end + 4 + length
-    return (status, total) if len(buf) >= total else None
-
-
-def http_request(method: str, path: str, host: str, headers: dict[str, str], body: bytes) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"host: {host}"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    if body or method in ("POST", "PUT"):
-        lines.append(f"content-length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-@dataclass
-class Result:
-    seconds: float  # first request due to last response
-    latencies: list[float]  # seconds, one per request
-    statuses: Counter[int]
-    cpu: dict[str, float] = field(default_factory=dict)  # cores used, by process
-
-    @property
-    def rate(self) -> float:
-        return len(self.latencies) / self.seconds
-
-    def backlog(self, rate: float) -> int:
-        """Of an open-loop run at ``rate``: the requests not yet answered when the last
-        one fell due (about ``rate`` times the latency while the server keeps up; a
-        backlog that grew through the run when it does not)."""
-        last_due = (len(self.latencies) - 1) / rate
-        return sum(i / rate + lat > last_due for i, lat in enumerate(self.latencies))
-
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-class _Run:
-    """The requests of one phase and the connections working through them."""
-
-    def __init__(self, requests: Sequence[bytes], paced: bool) -> None:
-        n = len(requests)
-        self.requests, self.paced = requests, paced
-        self.due = [0.0] * n  # when each request's latency starts counting
-        self.latencies = [0.0] * n
-        self.statuses: Counter[int] = Counter()
-        self.waiting: deque[int] = deque()
-        self.idle: list[_Connection] = []
-        self.completed = 0
-        self.done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-
-    def release(self, i: int, due: float) -> None:
-        self.due[i] = due
-        if self.idle:
-            self.idle.pop().send(i)
-        else:
-            self.waiting.append(i)
-
-    def finished(self, conn: _Connection, i: int, status: int) -> None:
-        now = time.perf_counter()
-        self.latencies[i] = now - self.due[i]
-        self.statuses[status] += 1
-        self.completed += 1
-        if self.waiting:
-            conn.send(self.waiting.popleft())
-        else:
-            self.idle.append(conn)
-        if self.completed == len(self.requests) and not self.done.done():
-            self.done.set_result(now)
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
-
-
-class _Connection(asyncio.Protocol):
-    def __init__(self, run: _Run) -> None:
-        self.run = run
-        self.buf = bytearray()
-        self.current = -1
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def send(self, i: int) -> None:
-        assert self.transport is not None
-        self.current = i
-        if not self.run.paced:
-            self.run.due[i] = time.perf_counter()
-        self.transport.write(self.run.requests[i])
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        try:
-            parsed = parse_response(self.buf)
-        except ValueError as exc:
-            self.run.fail(exc)
-            return
-        if parsed is None:
-            return
-        status, used = parsed
-        if used != len(self.buf):
-            self.run.fail(ValueError("bytes after the response to the only request in flight"))
-            return
-        self.buf.clear()
-        self.run.finished(self, self.current, status)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.run.fail(ConnectionError(f"the server closed a connection: {exc}"))
-
-
-async def drive(
-    url: str, requests: Sequence[bytes], *, connections: int = CONNECTIONS, rate: float = 0
-) -> Result:
-    """Send ``requests`` over ``connections`` keep-alive connections: as fast as they
-    are answered, or (``rate`` > 0) each due at ``start + i / rate`` whether or not the
-    earlier ones were answered."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    loop = asyncio.get_running_loop()
-    run = _Run(requests, paced=rate > 0)
-    conns = []
-    try:
-        for _ in range(min(connections, len(requests))):
-            _, conn = await loop.create_connection(lambda: _Connection(run), host, port)
-            conns.append(conn)
-        run.idle = list(conns)
-        start = time.perf_counter()
-        if rate > 0:
-            i, n = 0, len(requests)
-            while i < n:
-                now = time.perf_counter()
-                while i < n and start + i / rate <= now:
-                    run.release(i, start + i / rate)
-                    i += 1
-                if i < n:  # a tick of at least 1 ms: shorter sleeps spin this core
-                    await asyncio.sleep(max(TICK, start + i / rate - time.perf_counter()))
-        else:
-            for i in range(len(requests)):
-                run.release(i, start)
-        end = await run.done
-    finally:
-        if not run.done.done():
-            run.done.cancel()  # closing the connections below is no failure to report
-        for conn in conns:
-            if conn.transport is not None:
-                conn.transport.close()
-    return Result(end - start, run.latencies, run.statuses)
 
 
 # --- the workload ---------------------------------------------------------------------
@@ -370,85 +191,7 @@ async def check_stored(url: str, workload: Workload) -> str | None:
     return f"{missing} missing, {extra} unexpected, {wrong} wrong of {len(want)}"
 
 
-# --- processes and CPU ----------------------------------------------------------------
-
-
-def _ticks(pid: int, children: bool = False) -> int:
-    """CPU ticks of ``pid`` (with its reaped children's when ``children``)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rpartition(b")")[2].split()
-    # after the command: state ppid ... utime(12) stime(13) cutime(14) cstime(15)
-    return sum(int(x) for x in fields[11 : 15 if children else 13])
-
-
-def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return int(f.read().rpartition(b")")[2].split()[1])
-
-
-class CpuMeter:
-    """CPU seconds of the API process, PostgreSQL (when it runs on this machine: its
-    postmaster and every child) and this process."""
-
-    def __init__(self, server_pid: int, postmaster: int | None) -> None:
-        self.server_pid, self.postmaster = server_pid, postmaster
-        self.hz = os.sysconf("SC_CLK_TCK")
-
-    def sample(self) -> dict[str, float]:
-        out = {"API": _ticks(self.server_pid) / self.hz, "load generator": time.process_time()}
-        if self.postmaster is not None:
-            try:
-                ticks = _ticks(self.postmaster, children=True)
-                for entry in os.scandir("/proc"):
-                    if entry.name.isdigit():
-                        try:
-                            if _ppid(int(entry.name)) == self.postmaster:
-                                ticks += _ticks(int(entry.name), children=True)
-                        except (OSError, ValueError, IndexError):
-                            continue  # gone meanwhile
-                out["PostgreSQL"] = ticks / self.hz
-            except OSError:
-                self.postmaster = None
-        with open("/proc/stat", "rb") as f:
-            # user nice system idle iowait irq softirq steal: all but idle and iowait
-            cpu = [int(x) for x in f.readline().split()[1:9]]
-        out["machine"] = (sum(cpu) - cpu[3] - cpu[4]) / self.hz
-        return out
-
-    @staticmethod
-    def cores(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
-        """Cores used between two samples, by process; ``other`` is the rest of the
-        machine (other work on it makes the figures unreliable)."""
-        used = {k: (after[k] - before[k]) / wall for k in after if k in before}
-        machine = used.pop("machine")
-        used["other"] = max(0.0, machine - sum(used.values()))
-        return used
-
-    async def measure(self, phase: Coroutine[Any, Any, Result]) -> Result:
-        before, t0 = self.sample(), time.perf_counter()
-        result = await phase
-        after, wall = self.sample(), time.perf_counter() - t0
-        result.cpu = self.cores(before, after, wall)
-        return result
-
-
-async def find_postmaster(url: str) -> int | None:
-    """The local PostgreSQL server's pid, if the database runs on this machine."""
-    conn = await asyncpg.connect(url)
-    try:
-        # read while the backend lives: it exits when the connection closes
-        return _postmaster_of(await conn.fetchval("SELECT pg_backend_pid()"))
-    finally:
-        await conn.close()
-
-
-def _postmaster_of(backend: int) -> int | None:
-    try:
-        pid = _ppid(backend)
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return pid if b"postgres" in f.read() else None
-    except (OSError, ValueError, IndexError):
-        return None  # another machine or another pid namespace (a container)
+# --- the server process ---------------------------------------------------------------
 
 
 @dataclass
@@ -529,18 +272,6 @@ class Cores:
     api: int  # the API process alone (and the direct baseline, while the API idles)
     rest: int  # this process and, when it was started here, PostgreSQL
     database_pinned: bool
-
-
-def pin_tree(pid: int, cpus: set[int]) -> None:
-    """Pin a process and its children (a postmaster and its backends: backends started
-    later inherit the postmaster's affinity)."""
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(pid, cpus)
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                if _ppid(int(entry.name)) == pid:
-                    os.sched_setaffinity(int(entry.name), cpus)
 
 
 async def _bench(
@@ -642,7 +373,7 @@ async def _bench(
             f"{len(paced.latencies):,} requests over {paced.seconds:.1f} s, open loop,"
             f" {paced.backlog(rate):,} unanswered when the last fell due"
             + (" = FALLING BEHIND" if paced.backlog(rate) > rate * BEHIND_S else "")
-            + f", {stored_note}",
+            + f", sent up to {_ms(paced.lag(0.99)).strip()} late (p99), {stored_note}",
         )
     )
     print(

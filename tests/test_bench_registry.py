@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.registry import Result, drive, http_request, parse_response
+from bench.registry_client import Result, drive, http_request, parse_response
 
 CREATED = (
     b"HTTP/1.1 201 Created\r\ndate: Mon, 23 Nov 2026 00:00:00 GMT\r\nserver: uvicorn\r\n"
@@ -74,6 +74,7 @@ class _StubServer:
 
     def __init__(self) -> None:
         self.handlers: set[asyncio.Task[None]] = set()
+        self.served: Counter[asyncio.Task[None]] = Counter()  # requests by connection
 
     async def __aenter__(self) -> str:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -91,6 +92,7 @@ class _StubServer:
         try:
             while not reader.at_eof():
                 head = await reader.readuntil(b"\r\n\r\n")
+                self.served[task] += 1
                 status = head.split(b" ")[1].strip(b"/")
                 writer.write(b"HTTP/1.1 " + status + b" X\r\ncontent-len")
                 await writer.drain()
@@ -111,6 +113,26 @@ async def test_drive_answers_every_request_once(rate: float) -> None:
     assert result.statuses == Counter(statuses)
     assert len(result.latencies) == len(statuses)
     assert all(latency > 0 for latency in result.latencies)
+
+
+async def test_an_open_loop_run_tells_how_late_it_sent() -> None:
+    requests = [http_request("GET", "/200", "h", {}, b"")] * 50
+    async with _StubServer() as url:
+        paced = await drive(url, requests, connections=7, rate=5_000)
+        closed = await drive(url, requests, connections=7)
+    assert len(paced.lags) == 50
+    assert all(lag >= 0 for lag in paced.lags)
+    assert paced.lag(0.99) >= paced.lag(0.5)
+    assert (closed.lags, closed.lag(0.99)) == ([], 0.0)
+
+
+async def test_every_connection_takes_its_turn() -> None:
+    # an idle connection the server closes (uvicorn: after 5 s) would end the run
+    requests = [http_request("GET", "/200", "h", {}, b"")] * 7
+    stub = _StubServer()
+    async with stub as url:
+        await drive(url, requests, connections=7, rate=1_000)
+    assert sorted(stub.served.values()) == [1] * 7
 
 
 def test_the_backlog_of_an_open_loop_run() -> None:
