@@ -30,7 +30,9 @@ and device, and every HTTP answer 201 (new) or 200 (repeat). The CPU lines give 
 each process used during a phase (``other``: the rest of the machine, which should be
 near 0 for the figures to mean anything). Nothing asserts a time.
 
-``python -m bench.registry`` runs it alone (``serve`` is the server process's entry).
+``python -m bench.registry`` runs it alone (``serve`` is the server process's entry);
+``python -m bench.registry_instructions`` counts the API's instructions per request,
+figures that hold still on a busy machine where these move by 10-20% between runs.
 """
 
 from __future__ import annotations
@@ -209,8 +211,9 @@ class ServerProcess:
                 self.proc.wait(5)
 
 
-def start_server(database_url: str, cpu: int | None) -> ServerProcess:
-    cmd = [sys.executable, "-m", "bench.registry", "serve"]
+def start_server(database_url: str, cpu: int | None, wrapper: Sequence[str] = ()) -> ServerProcess:
+    """The API in a process of its own (run under ``wrapper``, e.g. valgrind, if given)."""
+    cmd = [*wrapper, sys.executable, "-m", "bench.registry", "serve"]
     if cpu is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(cpu), *cmd]
     env = {
@@ -425,12 +428,12 @@ def run(
     if cores is not None:
         os.sched_setaffinity(0, {cores.rest})
     try:
-        _run_uvloop(_bench(database_url, n, rate, seconds, pool_size, cores))
+        run_uvloop(_bench(database_url, n, rate, seconds, pool_size, cores))
     finally:
         os.sched_setaffinity(0, set(cpus))
 
 
-def _run_uvloop(main: Coroutine[Any, Any, T]) -> T:
+def run_uvloop(main: Coroutine[Any, Any, T]) -> T:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
 

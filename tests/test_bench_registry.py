@@ -1,15 +1,18 @@
-"""The registry benchmark's HTTP/1.1 client: response framing and the request loop."""
+"""The registry benchmark's HTTP/1.1 client (response framing, the request loop) and its
+instruction counts' reading."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.registry_client import Result, drive, http_request, parse_response
+from bench.registry_instructions import latest_total
 
 CREATED = (
     b"HTTP/1.1 201 Created\r\ndate: Mon, 23 Nov 2026 00:00:00 GMT\r\nserver: uvicorn\r\n"
@@ -141,3 +144,10 @@ def test_the_backlog_of_an_open_loop_run() -> None:
     growing = Result(1.5, [i / 200 for i in range(100)], Counter())  # each 5 ms later
     assert steady.backlog(100) == 1  # the last itself
     assert growing.backlog(100) == 33  # those due after 0.66 s: i / 100 + i / 200 > 0.99
+
+
+def test_the_latest_callgrind_dump_is_read(tmp_path: Path) -> None:
+    out = tmp_path / "callgrind.out"
+    for part, total in ((1, 10), (2, 20), (10, 100)):  # .10 sorts before .2 as text
+        (tmp_path / f"callgrind.out.{part}").write_text(f"events: Ir\nsummary: {total}\n")
+    assert latest_total(out) == 100
