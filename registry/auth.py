@@ -119,7 +119,7 @@ class Authenticator:
             self._verified = {t: v for t, v in self._verified.items() if v[1] > now}
             if len(self._verified) >= CACHE_SIZE:
                 self._verified.clear()
-        self._verified[token] = (caller, float(claims["exp"]) + LEEWAY_S)
+        self._verified[token] = (caller, _until(claims["exp"]))
         return caller
 
     def pyjwt_claims(self, token: str) -> dict[str, Any]:
@@ -189,6 +189,15 @@ class Authenticator:
             and type(claims.get("sub")) is str
             and type(claims.get("jti", "")) is str
         )
+
+
+def _until(exp: Any) -> float:
+    """When a token with this ``exp`` (one PyJWT took: a number, or digits) stops being
+    remembered; an ``exp`` beyond a float's range never does (``float()`` would raise)."""
+    try:
+        return float(exp) + LEEWAY_S
+    except OverflowError:
+        return math.inf
 
 
 def _time(value: object) -> TypeGuard[int | float]:

@@ -233,3 +233,11 @@ def test_a_short_secret_leaves_every_token_to_pyjwt() -> None:
     assert auth.plain_claims(token, time.time()) is None
     with pytest.warns(jwt.warnings.InsecureKeyLengthWarning):
         assert auth.authenticate("Bearer " + token).subject == "u1"
+
+
+def test_an_exp_past_a_floats_range_is_remembered_for_good() -> None:
+    auth = Authenticator(RegistrySettings(jwt_secret=SecretStr(HS_KEY)))
+    token = _token(HS_KEY, algorithm="HS256", exp=10**400)  # float() of it overflows
+
+    assert auth.authenticate("Bearer " + token).subject == "u1"
+    assert auth.authenticate("Bearer " + token).subject == "u1"  # remembered
