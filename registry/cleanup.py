@@ -104,22 +104,16 @@ async def deactivate(
     return sum(row["n"] for row in rows)
 
 
-async def deactivate_in_lanes(
+def start_lanes(
     pool: asyncpg.Pool, dead: Sequence[Dead], lanes: int, metrics: Metrics | None = None
-) -> int:
-    """:func:`deactivate` over disjoint ranges at once, each its own transaction.
+) -> asyncio.Future[list[int | BaseException]]:
+    """Start :func:`deactivate` over disjoint ranges at once, each its own transaction.
 
-    If one lane fails the others are cancelled; what committed stays committed, and
-    re-running the whole batch is harmless (idempotent).
+    Returns the lanes' counts or errors. A lane that fails does not stop the others:
+    what committed stays committed, and re-running the whole batch is harmless.
     """
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(deactivate(pool, part, metrics)) for part in split(dead, lanes)
-            ]
-    except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from failed  # the database's error, not a wrapper
-    return sum(task.result() for task in tasks)
+    tasks = [asyncio.create_task(deactivate(pool, part, metrics)) for part in split(dead, lanes)]
+    return asyncio.gather(*tasks, return_exceptions=True)
 
 
 def decode(raw: bytes | None, metrics: Metrics | None = None) -> InvalidTokenEvent | None:
@@ -165,7 +159,7 @@ class _Polled:
 @dataclass(frozen=True, slots=True)
 class _Batch:
     polled: _Polled
-    write: asyncio.Task[int]
+    write: asyncio.Future[list[int | BaseException]]
 
 
 class Cleanup(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
@@ -215,8 +209,12 @@ class Cleanup(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is u
                 owned = self.consumer.assignment()
                 polled = _Polled.decode({tp: r for tp, r in records.items() if tp in owned}, None)
             if polled is not None:
-                write = deactivate_in_lanes(self.pool, polled.dead, self.lanes, self.metrics)
-                self._pending = _Batch(polled, asyncio.create_task(write))
+                write = start_lanes(self.pool, polled.dead, self.lanes, self.metrics)
+                self._pending = _Batch(polled, write)
+                # One loop turn lets the lanes send their statements before this task
+                # goes on to fetch and decode the next batch: otherwise getmany() finds
+                # records buffered, never yields, and nothing overlaps.
+                await asyncio.sleep(0)
         await self.settle()
 
     async def settle(self) -> None:
@@ -231,7 +229,11 @@ class Cleanup(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is u
             batch = self._pending
             if batch is None:
                 return
-            count = await batch.write
+            lanes = await batch.write
+            for lane in lanes:
+                if isinstance(lane, BaseException):
+                    raise lane
+            count = sum(lane for lane in lanes if isinstance(lane, int))
             self._pending = None
             if await self._commit(batch.polled.offsets):
                 self.metrics.cleanup_committed.inc(batch.polled.records)
