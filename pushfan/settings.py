@@ -197,11 +197,11 @@ class HygieneSettings(_Section):
         10_000, ge=1, description="Invalid-token events the cleanup consumer reads per batch."
     )
     cleanup_lanes: int = Field(
-        2,
+        4,
         ge=1,
         le=16,
         description="Statements that write one cleanup batch at once, each on its own"
-        " connection over a disjoint range of tokens.",
+        " connection from the pool, over a disjoint range of tokens.",
     )
 
 

@@ -177,7 +177,7 @@ class Cleanup(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is u
         *,
         group_id: str = GROUP_ID,
         batch_size: int = 10_000,
-        lanes: int = 2,
+        lanes: int = 4,
     ) -> None:
         self.kafka = kafka
         self.pool = pool
