@@ -49,7 +49,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,6 +61,7 @@ import uvloop
 
 from bench.cpu import CpuMeter, find_postmaster, pin_tree
 from bench.registry_client import CONNECTIONS, Result, drive, http_request
+from pushfan.stack import Database
 from registry import store
 
 SECRET = "pushfan-bench-registry-secret-of-enough-length"
@@ -438,17 +439,15 @@ def run_uvloop(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def _standalone(argv: Sequence[str]) -> None:
+@contextlib.contextmanager
+def standalone_database() -> Iterator[Database]:
+    """A migrated database for a benchmark run on its own: the server ``DATABASE_URL``
+    names, else an embedded one (stopped at the end)."""
     from pushfan.db import migrate
     from pushfan.logs import configure_logging
     from pushfan.settings import LoggingSettings, load_settings
     from pushfan.stack import start_database
 
-    parser = argparse.ArgumentParser(prog="python -m bench.registry", description=__doc__)
-    parser.add_argument("--registrations", type=int, default=8_000, help="per phase")
-    parser.add_argument("--rate", type=float, default=2_000, help="offered registrations/s")
-    parser.add_argument("--seconds", type=float, default=4, help="of the paced phase")
-    args = parser.parse_args(argv)
     configure_logging(LoggingSettings(level="WARNING"))
     db = load_settings().database
     database = start_database(
@@ -456,8 +455,20 @@ def _standalone(argv: Sequence[str]) -> None:
         purpose="pushfan_bench",
     )
     try:
-        print(f"pushfan bench registry: PostgreSQL {database.kind}")
         asyncio.run(migrate(database.url))
+        yield database
+    finally:
+        database.stop()
+
+
+def _standalone(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.registry", description=__doc__)
+    parser.add_argument("--registrations", type=int, default=8_000, help="per phase")
+    parser.add_argument("--rate", type=float, default=2_000, help="offered registrations/s")
+    parser.add_argument("--seconds", type=float, default=4, help="of the paced phase")
+    args = parser.parse_args(argv)
+    with standalone_database() as database:
+        print(f"pushfan bench registry: PostgreSQL {database.kind}")
         run(
             database.url,
             args.registrations,
@@ -465,8 +476,6 @@ def _standalone(argv: Sequence[str]) -> None:
             args.seconds,
             pin_database=database.kind == "embedded",
         )
-    finally:
-        database.stop()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ few connections; the counters are zeroed after a warm-up and read after each pha
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ from bench.registry import (
     expected_statuses,
     registration_requests,
     run_uvloop,
+    standalone_database,
     start_server,
 )
 from bench.registry_client import drive, http_request
@@ -85,11 +85,6 @@ def latest_total(out: Path) -> int:
 
 
 def main(argv: Sequence[str]) -> None:
-    from pushfan.db import migrate
-    from pushfan.logs import configure_logging
-    from pushfan.settings import LoggingSettings, load_settings
-    from pushfan.stack import start_database
-
     parser = argparse.ArgumentParser(
         prog="python -m bench.registry_instructions", description=__doc__
     )
@@ -97,17 +92,8 @@ def main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         sys.exit("needs valgrind (apt-get install valgrind)")
-    configure_logging(LoggingSettings(level="WARNING"))
-    db = load_settings().database
-    database = start_database(
-        db.url.get_secret_value() if "url" in db.model_fields_set else None,
-        purpose="pushfan_bench",
-    )
-    try:
-        asyncio.run(migrate(database.url))
+    with standalone_database() as database:
         per_request = run_uvloop(count(database.url, args.requests))
-    finally:
-        database.stop()
     figures = ", ".join(f"{name} {k / 1000:,.1f}k" for name, k in per_request.items())
     print(
         f"registry instructions per request (callgrind, {args.requests:,} each,"
