@@ -57,6 +57,21 @@ log = get_logger("pushfan.registry")
 M = TypeVar("M", bound=pydantic.BaseModel)
 
 
+# The database cannot serve now (unreachable, restarting, out of connections, a
+# statement past its timeout): a 503 the caller retries, since every call is safe to
+# repeat, instead of a 500 that reads as our bug.
+UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+_UNAVAILABLE_BODY = json.dumps(
+    {"error": {"code": "unavailable", "message": "the database does not answer; retry"}}
+).encode()
+
+
 class HttpError(Exception):
     def __init__(
         self,
@@ -153,6 +168,10 @@ class RegistryApp:
             if exc.details is not None:
                 error["details"] = exc.details
             body, content_type = json.dumps({"error": error}).encode(), "application/json"
+        except UNAVAILABLE as exc:
+            log.warning("registry request: database unavailable", route=route, error=repr(exc))
+            status, headers = 503, [(b"retry-after", b"1")]
+            body, content_type = _UNAVAILABLE_BODY, "application/json"
         except Exception:
             log.exception("registry request failed", route=route, method=method)
             body = b'{"error": {"code": "internal", "message": "internal error"}}'

@@ -69,11 +69,15 @@ def _errors(*codes: int) -> dict[str, Any]:
         404: "Nothing of the caller's matched.",
         413: "Body too large.",
         422: "Invalid body or parameters; `details` names each field.",
-        503: "The database does not answer.",
+        503: "The database does not answer; retry (every call is safe to repeat).",
     }
     answers = {
         str(c): {"description": text[c], **_json("#/components/schemas/Error")} for c in codes
     }
+    if "503" in answers:
+        answers["503"]["headers"] = {
+            "Retry-After": {"required": False, "schema": {"type": "string"}}
+        }
     if "401" in answers:
         answers["401"]["headers"] = {
             "WWW-Authenticate": {"required": True, "schema": {"type": "string", "const": "Bearer"}}
@@ -167,7 +171,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "201": {"description": "A new token.", **_json(ref + "RegisteredOut")},
                         "200": {"description": "Known token.", **_json(ref + "RegisteredOut")},
-                        **_errors(401, 403, 413, 422),
+                        **_errors(401, 403, 413, 422, 503),
                     },
                 },
                 "get": {
@@ -175,7 +179,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "The user's active devices (tokens masked)",
                     "responses": {
                         "200": {"description": "Devices.", **_json(ref + "DeviceList")},
-                        **_errors(401, 403, 422),
+                        **_errors(401, 403, 422, 503),
                     },
                 },
             },
@@ -201,7 +205,7 @@ def openapi_document() -> dict[str, Any]:
                     ],
                     "responses": {
                         "204": {"description": "Logged out."},
-                        **_errors(401, 403, 404, 422),
+                        **_errors(401, 403, 404, 422, 503),
                     },
                 }
             },
@@ -212,7 +216,7 @@ def openapi_document() -> dict[str, Any]:
                     "requestBody": {"required": True, **_json(ref + "TokenIn")},
                     "responses": {
                         "204": {"description": "Logged out."},
-                        **_errors(401, 403, 404, 413, 422),
+                        **_errors(401, 403, 404, 413, 422, 503),
                     },
                 }
             },
@@ -222,7 +226,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Quiet hours and push on/off per notification type",
                     "responses": {
                         "200": {"description": "Preferences.", **_json(ref + "PreferencesBody")},
-                        **_errors(401, 403, 422),
+                        **_errors(401, 403, 422, 503),
                     },
                 },
                 "put": {
@@ -231,7 +235,7 @@ def openapi_document() -> dict[str, Any]:
                     "requestBody": {"required": True, **_json(ref + "PreferencesBody")},
                     "responses": {
                         "200": {"description": "Stored.", **_json(ref + "PreferencesBody")},
-                        **_errors(401, 403, 413, 422),
+                        **_errors(401, 403, 413, 422, 503),
                     },
                 },
             },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -368,3 +369,29 @@ async def test_no_body_makes_a_5xx(http: httpx.AsyncClient, body: Any) -> None:
         "/v1/devices", content=json.dumps(body).encode(), headers=bearer("fuzz")
     )
     assert response.status_code < 500, response.text
+
+
+async def test_an_unreachable_database_is_a_503_to_retry(settings: Settings) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    database = settings.database.model_copy(
+        update={
+            "url": SecretStr(f"postgresql://postgres@127.0.0.1:{port}/none"),
+            "min_pool_size": 0,
+        }
+    )
+    registry = RegistrySettings(jwt_secret=SecretStr(SECRET))
+    down = settings.model_copy(update={"database": database, "registry": registry})
+    async with running(down, port=0) as served, httpx.AsyncClient(base_url=served.url) as http:
+        sent = await http.post(
+            "/v1/devices", json=device(apns_token(), _id("dev")), headers=bearer(_id("u"))
+        )
+        listed = await http.get("/v1/devices", headers=bearer(_id("u")))
+        ready = await http.get("/readyz")
+
+    for answer in (sent, listed):
+        assert answer.status_code == 503
+        assert answer.headers["retry-after"] == "1"
+        assert answer.json()["error"]["code"] == "unavailable"
+    assert ready.status_code == 503
