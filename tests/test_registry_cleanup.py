@@ -60,27 +60,26 @@ async def _publish(kafka: KafkaSettings, values: list[bytes]) -> None:
         await producer.stop()
 
 
-async def _committed(kafka: KafkaSettings, group: str) -> dict[TopicPartition, int]:
-    """What ``group`` would resume from, per partition, read by a group-less reader."""
+async def _offsets(
+    kafka: KafkaSettings, group: str
+) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """What ``group`` would resume from and where the topic ends, per partition, read by
+    one reader that does not join the group."""
     reader = make_consumer(kafka, group_id=group)
     await start_client(reader, kafka)
     try:
         await assign_all(reader, kafka.topics.invalid_tokens)
-        return {p: await reader.committed(p) or 0 for p in sorted(reader.assignment())}
-    finally:
-        await reader.stop()
-
-
-async def _ends(kafka: KafkaSettings) -> dict[TopicPartition, int]:
-    reader = make_consumer(kafka, group_id=None)
-    await start_client(reader, kafka)
-    try:
-        await assign_all(reader, kafka.topics.invalid_tokens)
         partitions = sorted(reader.assignment())
+        committed = {p: await reader.committed(p) or 0 for p in partitions}
         ends: dict[TopicPartition, int] = await reader.end_offsets(partitions)
-        return ends
+        return committed, ends
     finally:
         await reader.stop()
+
+
+async def _caught_up(kafka: KafkaSettings, group: str) -> bool:
+    committed, ends = await _offsets(kafka, group)
+    return committed == ends
 
 
 async def _consume_until_committed(
@@ -164,7 +163,7 @@ async def test_offsets_are_committed_after_the_write(
     await _consume_until_committed(kafka, db, Metrics(), 3, group)
 
     # what the group would resume from: past every record (nothing read twice)
-    assert await _committed(kafka, group) == await _ends(kafka)
+    assert await _caught_up(kafka, group)
     assert [await _active(db, t) for t in tokens] == [(False, "Unregistered")] * 3
 
 
@@ -184,7 +183,7 @@ async def test_a_batch_is_written_in_lanes_over_several_polls(
     ]
     counted = {r: metrics.deactivations.labels(r)._value.get() for r in ("R0", "R1", "R2")}
     assert counted == {"R0": 14, "R1": 13, "R2": 13}
-    assert await _committed(kafka, group) == await _ends(kafka)
+    assert await _caught_up(kafka, group)
 
 
 async def test_a_failed_write_commits_nothing(
@@ -209,7 +208,8 @@ async def test_a_failed_write_commits_nothing(
         await broken.close()
 
     assert await _active(db, token) == (True, None)
-    assert set((await _committed(kafka, group)).values()) == {0}
+    committed, _ = await _offsets(kafka, group)
+    assert set(committed.values()) == {0}
 
 
 class _Revoking(logging.Handler):
@@ -276,7 +276,7 @@ async def test_a_rebalance_waits_for_the_batch_being_written(
             await joining
             running.append(asyncio.create_task(members[1].run(stops[1])))
             while True:
-                if await _committed(kafka, group) == await _ends(kafka):
+                if await _caught_up(kafka, group):
                     break
                 await asyncio.sleep(0.1)
     finally:
