@@ -152,7 +152,7 @@ class _Polled:
             for record in records
             if (event := decode(record.value, metrics)) is not None
         ]
-        records = sum(len(records) for records in polled.values())
+        records = sum(len(batch) for batch in polled.values())
         return cls(offsets, records, latest_per_token(events))
 
 
