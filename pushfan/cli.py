@@ -24,10 +24,8 @@ from pushfan.settings import Settings, env_names, load_settings
 
 # Subcommands that later work fills; each names the issue that brings it.
 PLANNED: dict[str, tuple[str, int]] = {
-    "worker": ("consume notification jobs and fan them out to every device", 5),
     "publish": ("publish a notification job", 7),
     "bridge": ("turn business events (orders shipped) into notification jobs", 7),
-    "status": ("show a job's progress and counts", 5),
 }
 
 
@@ -98,6 +96,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--loop", action="store_true", help="keep running, a pass every interval")
     p.set_defaults(run=_cmd_hygiene)
+
+    p = sub.add_parser(
+        "worker",
+        help="consume notification jobs and fan them out to every device (until SIGTERM)",
+        description="Consume the jobs, shards and retry topics in the group"
+        " PUSHFAN_WORKER__GROUP_ID: resolve each job's audience page by page, send through FCM"
+        " and APNs, report invalid tokens and parked retries, record progress in the job"
+        " ledger, then commit. Run several for more throughput: big audiences are split into"
+        " shards that every worker of the group takes a share of. SIGTERM stops between"
+        " pages. Metrics on PUSHFAN_WORKER__METRICS_PORT. Run `pushfan migrate` first.",
+    )
+    p.set_defaults(run=_cmd_worker)
+
+    p = sub.add_parser(
+        "status",
+        help="show a job's progress and counts from the job ledger",
+        description="Print a job's state, a progress bar while a broadcast runs, and its"
+        " counts (targeted per platform, sent, invalid, failed, suppressed, deferred,"
+        " retrying, expired). Exit status 1 if the ledger has no such job.",
+    )
+    p.add_argument("job_id", metavar="JOB_ID", help="the job's job_id")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.add_argument(
+        "--watch",
+        type=float,
+        metavar="SECONDS",
+        help="print again every SECONDS until the job is finished",
+    )
+    p.set_defaults(run=_cmd_status)
 
     for name, (summary, issue) in PLANNED.items():
         p = sub.add_parser(name, help=f"{summary} (not implemented yet: issue #{issue})")
@@ -261,6 +288,49 @@ def _cmd_hygiene(args: argparse.Namespace, settings: Settings) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def _cmd_worker(_args: argparse.Namespace, settings: Settings) -> int:
+    from worker.main import run
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        print("pushfan worker: consuming", settings.kafka.topics.jobs, flush=True)
+        await run(settings, stop)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        raise SetupError(f"cannot listen for metrics: {exc}") from exc
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from pushfan.db import create_pool
+    from worker import ledger
+    from worker.status import as_json, render
+
+    async def fetch() -> ledger.JobStatus | None:
+        pool = await create_pool(settings.database.model_copy(update={"min_pool_size": 1}))
+        try:
+            return await ledger.status(pool, args.job_id)
+        finally:
+            await pool.close()
+
+    while True:
+        found = asyncio.run(fetch())
+        if found is None:
+            print(f"pushfan status: no job {args.job_id!r} in the ledger", file=sys.stderr)
+            return 1
+        print(as_json(found) if args.json else render(found), flush=True)
+        if not args.watch or found.state in ledger.FINAL_STATES:
+            return 0
+        time.sleep(args.watch)
 
 
 def _planned(name: str, issue: int) -> Callable[[argparse.Namespace, Settings], int]:

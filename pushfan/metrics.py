@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 PREFIX = "pushfan"
 M = TypeVar("M", bound=MetricWrapperBase)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5, 10, 30)
 
 
 class Metrics:
@@ -68,6 +69,70 @@ class Metrics:
         )
         self.hygiene_runs = Counter(
             f"{PREFIX}_hygiene_runs", "Token hygiene passes completed.", registry=r
+        )
+        # The fanout worker.
+        self.jobs = Counter(
+            f"{PREFIX}_worker_jobs",
+            "Jobs consumed, by outcome: completed, split, duplicate, expired, dry_run,"
+            " dead_lettered.",
+            ["outcome"],
+            registry=r,
+        )
+        self.sends = Counter(
+            f"{PREFIX}_worker_sends",
+            "Tokens sent to, by platform, outcome and the platform's reason code.",
+            ["platform", "outcome", "reason"],
+            registry=r,
+        )
+        self.targeted = Counter(
+            f"{PREFIX}_worker_targeted_tokens",
+            "Active tokens of resolved pages, by platform (before preferences).",
+            ["platform"],
+            registry=r,
+        )
+        self.suppressed = Counter(
+            f"{PREFIX}_worker_suppressed_tokens",
+            "Tokens not sent because their user turned this notification type off.",
+            registry=r,
+        )
+        self.parked = Counter(
+            f"{PREFIX}_worker_parked_tokens",
+            "Tokens put on the retry topic (retry budget spent or platform paused).",
+            ["platform"],
+            registry=r,
+        )
+        self.pages = Counter(f"{PREFIX}_worker_pages", "Audience pages reported.", registry=r)
+        self.stage_seconds = Histogram(
+            f"{PREFIX}_worker_stage_seconds",
+            "Time per page in each stage: resolve, query, send, report, commit.",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.audience_users = Counter(
+            f"{PREFIX}_worker_audience_users",
+            "Users in the audiences of split broadcasts; with users_done, their progress.",
+            registry=r,
+        )
+        self.users_done = Counter(
+            f"{PREFIX}_worker_users_done",
+            "Users whose page was sent and reported.",
+            registry=r,
+        )
+        self.shards_running = Gauge(
+            f"{PREFIX}_worker_shards_running", "Shards this worker is sending now.", registry=r
+        )
+        self.platform_paused = Gauge(
+            f"{PREFIX}_worker_platform_paused",
+            "1 while a platform's sending is paused after an outage.",
+            ["platform"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            f"{PREFIX}_worker_dead_letters",
+            "Messages sent to the dead-letter topic, by kind: decode, validation.",
+            ["kind"],
+            registry=r,
         )
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 

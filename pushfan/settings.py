@@ -150,8 +150,42 @@ class RetrySettings(_Section):
 
 
 class WorkerSettings(_Section):
+    """The fanout worker (``pushfan worker``)."""
+
+    group_id: str = Field("pushfan-worker", description="Consumer group of the workers.")
     page_size: int = Field(
         1000, ge=1, le=50_000, description="user_ids resolved per page (one token query each)."
+    )
+    shard_pages: int = Field(
+        5,
+        ge=1,
+        description="Pages per shard: an audience over one page is split into shards of"
+        " this many pages, which every worker of the group takes a share of.",
+    )
+    send_chunk: int = Field(
+        500, ge=1, le=10_000, description="Tokens of one platform handed to a sender at once."
+    )
+    fcm_per_minute: int = Field(
+        600_000,
+        ge=0,
+        description="FCM messages per minute per worker process (0: no limit); the project's"
+        " quota divided by the number of workers.",
+    )
+    apns_per_minute: int = Field(
+        0, ge=0, description="APNs messages per minute per worker process (0: no limit)."
+    )
+    park_delay_s: float = Field(
+        10.0,
+        gt=0,
+        description="First delay of tokens parked on the retry topic after the retry"
+        " budget (doubles each time they are parked again).",
+    )
+    park_max_delay_s: float = Field(600.0, gt=0, description="Longest delay on the retry topic.")
+    drain_timeout_s: float = Field(
+        20.0, gt=0, description="On SIGTERM or a rebalance, time allowed for in-flight pages."
+    )
+    metrics_port: int = Field(
+        9102, ge=0, le=65535, description="Port of the worker's /metrics (0: not served)."
     )
 
 

@@ -1,0 +1,371 @@
+"""The job ledger in PostgreSQL: job state, shards, per-page progress and counts.
+
+``job_id`` is the idempotency key. A job row is created when a job is first consumed;
+a job found ``completed``, ``expired`` or ``dead_lettered`` again is skipped. A page's
+counts and its shard's cursor move in one statement, so a restart resumes after the last
+page reported and counts each page once. Shards are fenced by ``owner``: the latest
+claim wins and reports from an earlier owner change nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+
+from schemas import NotificationJob
+from worker.audience import Shard
+
+FINAL_STATES = frozenset({"completed", "expired", "dead_lettered"})
+
+_BEGIN_SQL = """
+WITH new AS (
+    INSERT INTO jobs (job_id, type, priority, audience_kind, campaign_id, dry_run,
+                      expires_at, state, started_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, 'running', now())
+    ON CONFLICT (job_id) DO NOTHING
+    RETURNING state, shards_total
+)
+SELECT state, shards_total, true AS created FROM new
+UNION ALL
+SELECT state, shards_total, false FROM jobs WHERE job_id = $1 AND NOT EXISTS (SELECT 1 FROM new)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    state: str
+    shards_total: int | None
+    created: bool
+
+
+async def begin(db: asyncpg.Pool, job: NotificationJob) -> JobRow:
+    """The job's ledger row, created as ``running`` if this is its first delivery."""
+    row = await db.fetchrow(
+        _BEGIN_SQL,
+        job.job_id,
+        job.type,
+        job.priority,
+        job.audience.kind,
+        job.campaign_id,
+        job.dry_run,
+        job.expires_at,
+    )
+    if row is None:
+        # Another worker inserted it after this statement's snapshot was taken.
+        row = await db.fetchrow(
+            "SELECT state, shards_total, false AS created FROM jobs WHERE job_id = $1",
+            job.job_id,
+        )
+    assert row is not None
+    return JobRow(row["state"], row["shards_total"], row["created"])
+
+
+async def finish(db: asyncpg.Pool, job_id: str, state: str, error: str | None = None) -> None:
+    """Set a final state (``completed``, ``expired``), unless one is set already."""
+    await db.execute(
+        "UPDATE jobs SET state = $2, error = coalesce($3, error), completed_at = now(),"
+        " updated_at = now() WHERE job_id = $1 AND state NOT IN ('completed', 'expired')",
+        job_id,
+        state,
+        error,
+    )
+
+
+async def record_dead_letter(db: asyncpg.Pool, job: NotificationJob | None, error: str) -> None:
+    """A job that decoded but could not be processed: a row in state ``dead_lettered``."""
+    if job is None:
+        return
+    await db.execute(
+        "INSERT INTO jobs (job_id, type, priority, audience_kind, dry_run, state, error,"
+        " completed_at) VALUES ($1, $2, $3, $4, $5, 'dead_lettered', $6, now())"
+        " ON CONFLICT (job_id) DO NOTHING",
+        job.job_id,
+        job.type,
+        job.priority,
+        job.audience.kind,
+        job.dry_run,
+        error,
+    )
+
+
+async def create_shards(db: asyncpg.Pool, job_id: str, shards: Sequence[Shard]) -> None:
+    """Record a split: the shard rows and the job's shard total and audience size."""
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO job_shards (job_id, shard_no, range_start, range_end, users)"
+            " SELECT $1, * FROM unnest($2::int[], $3::text[], $4::text[], $5::bigint[])"
+            " ON CONFLICT DO NOTHING",
+            job_id,
+            [s.shard_no for s in shards],
+            [s.after for s in shards],
+            [s.until for s in shards],
+            [s.users for s in shards],
+        )
+        await conn.execute(
+            "UPDATE jobs SET shards_total = $2, audience_users = $3, updated_at = now()"
+            " WHERE job_id = $1",
+            job_id,
+            len(shards),
+            sum(s.users for s in shards),
+        )
+
+
+async def open_shards(db: asyncpg.Pool, job_id: str) -> list[Shard]:
+    """The shards of a split job that are not completed yet."""
+    rows = await db.fetch(
+        "SELECT shard_no, range_start, range_end, users FROM job_shards"
+        " WHERE job_id = $1 AND state <> 'completed' ORDER BY shard_no",
+        job_id,
+    )
+    return [Shard(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    completed: bool
+    cursor: str | None
+
+
+async def claim(db: asyncpg.Pool, job_id: str, shard_no: int, owner: str) -> Claim | None:
+    """Take the shard over (the latest claim wins); None if the shard is unknown."""
+    row = await db.fetchrow(
+        "UPDATE job_shards SET owner = $3,"
+        " state = CASE WHEN state = 'completed' THEN state ELSE 'running' END,"
+        " updated_at = now() WHERE job_id = $1 AND shard_no = $2"
+        " RETURNING state = 'completed', cursor",
+        job_id,
+        shard_no,
+        owner,
+    )
+    return None if row is None else Claim(row[0], row[1])
+
+
+@dataclass(slots=True)
+class Counts:
+    """What happened to one page's (or retry batch's) tokens."""
+
+    users: int = 0
+    targeted: dict[str, int] = field(default_factory=dict)  # per platform
+    sent: int = 0
+    invalid: int = 0
+    failed: int = 0
+    suppressed: int = 0
+    parked: int = 0
+    expired: int = 0
+
+    def add(self, other: Counts) -> None:
+        self.users += other.users
+        for platform, n in other.targeted.items():
+            self.targeted[platform] = self.targeted.get(platform, 0) + n
+        self.sent += other.sent
+        self.invalid += other.invalid
+        self.failed += other.failed
+        self.suppressed += other.suppressed
+        self.parked += other.parked
+        self.expired += other.expired
+
+
+# One round trip per page: the delivered tokens' usage, the shard's cursor and counts
+# (fenced by owner), and the job's counts. Data-modifying CTEs all run; the job's update
+# is gated on the shard's, so a fenced-off owner changes no count.
+_REPORT_SQL = """
+WITH used AS (
+    UPDATE device_tokens SET last_delivered_at = now()
+     WHERE id = ANY($16::bigint[])
+       AND (last_delivered_at IS NULL OR last_delivered_at < now() - interval '1 day')
+), shard AS (
+    UPDATE job_shards
+       SET cursor = coalesce($4, cursor), pages_done = pages_done + 1,
+           users_done = users_done + $5, targeted = targeted + $6 + $7 + $8,
+           sent = sent + $9, invalid = invalid + $10, failed = failed + $11,
+           suppressed = suppressed + $12, retrying = retrying + $13,
+           expired = expired + $14, updated_at = now()
+     WHERE job_id = $1 AND shard_no = $2 AND owner = $3
+    RETURNING 1
+)
+UPDATE jobs
+   SET users_done = users_done + $5, targeted = targeted + $6 + $7 + $8,
+       targeted_android = targeted_android + $6, targeted_ios = targeted_ios + $7,
+       targeted_web = targeted_web + $8, sent = sent + $9, invalid = invalid + $10,
+       failed = failed + $11, suppressed = suppressed + $12, retrying = retrying + $13,
+       expired = expired + $14, updated_at = now()
+ WHERE job_id = $1 AND ($15 OR EXISTS (SELECT 1 FROM shard))
+RETURNING 1
+"""
+
+
+def _count_args(c: Counts) -> list[object]:
+    t = c.targeted
+    return [
+        c.users,
+        t.get("android", 0),
+        t.get("ios", 0),
+        t.get("web", 0),
+        c.sent,
+        c.invalid,
+        c.failed,
+        c.suppressed,
+        c.parked,
+        c.expired,
+    ]
+
+
+async def report_page(
+    db: asyncpg.Pool,
+    job_id: str,
+    shard_no: int | None,
+    owner: str,
+    cursor: str | None,
+    counts: Counts,
+    delivered_ids: Sequence[int],
+) -> bool:
+    """Record a page; False if another worker owns the shard now (stop sending it).
+
+    ``shard_no`` None is a job sent inline, without shards: only the job's counts move.
+    """
+    row = await db.fetchrow(
+        _REPORT_SQL,
+        job_id,
+        -1 if shard_no is None else shard_no,
+        owner,
+        cursor,
+        *_count_args(counts),
+        shard_no is None,
+        list(delivered_ids),
+    )
+    return row is not None
+
+
+_COMPLETE_SHARD_SQL = """
+WITH shard AS (
+    UPDATE job_shards SET state = 'completed', completed_at = now(), updated_at = now()
+     WHERE job_id = $1 AND shard_no = $2 AND owner = $3 AND state <> 'completed'
+    RETURNING 1
+)
+UPDATE jobs
+   SET shards_done = shards_done + 1, updated_at = now(),
+       state = CASE WHEN shards_done + 1 >= shards_total AND state = 'running'
+                    THEN 'completed' ELSE state END,
+       completed_at = CASE WHEN shards_done + 1 >= shards_total THEN now() END
+ WHERE job_id = $1 AND EXISTS (SELECT 1 FROM shard)
+RETURNING state
+"""
+
+
+async def complete_shard(db: asyncpg.Pool, job_id: str, shard_no: int, owner: str) -> str | None:
+    """Mark the shard done; returns the job's state after it (None if already done or
+    fenced off). The last shard completes the job."""
+    return await db.fetchval(_COMPLETE_SHARD_SQL, job_id, shard_no, owner)  # type: ignore[no-any-return]
+
+
+_APPLY_RETRY_SQL = """
+WITH batch AS (
+    INSERT INTO job_retry_batches (job_id, batch_id) VALUES ($1, $2)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+), used AS (
+    UPDATE device_tokens SET last_delivered_at = now()
+     WHERE id = ANY($9::bigint[]) AND EXISTS (SELECT 1 FROM batch)
+       AND (last_delivered_at IS NULL OR last_delivered_at < now() - interval '1 day')
+)
+UPDATE jobs
+   SET sent = sent + $3, invalid = invalid + $4, failed = failed + $5,
+       retrying = retrying - $6 + $7, expired = expired + $8, updated_at = now()
+ WHERE job_id = $1 AND EXISTS (SELECT 1 FROM batch)
+RETURNING 1
+"""
+
+
+async def retry_applied(db: asyncpg.Pool, job_id: str, batch_id: str) -> bool:
+    """Whether a retry batch was sent and recorded already."""
+    found = await db.fetchval(
+        "SELECT 1 FROM job_retry_batches WHERE job_id = $1 AND batch_id = $2", job_id, batch_id
+    )
+    return found is not None
+
+
+async def apply_retry(
+    db: asyncpg.Pool,
+    job_id: str,
+    batch_id: str,
+    resolved: int,
+    counts: Counts,
+    delivered_ids: Sequence[int],
+) -> bool:
+    """Record a retry batch's outcome once: ``resolved`` tokens leave ``retrying``,
+    ``counts.parked`` of them went back to the retry topic. False if recorded before."""
+    row = await db.fetchrow(
+        _APPLY_RETRY_SQL,
+        job_id,
+        batch_id,
+        counts.sent,
+        counts.invalid,
+        counts.failed,
+        resolved,
+        counts.parked,
+        counts.expired,
+        list(delivered_ids),
+    )
+    return row is not None
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    job_id: str
+    type: str
+    state: str
+    dry_run: bool
+    audience_kind: str
+    audience_users: int | None
+    users_done: int
+    shards_total: int | None
+    shards_done: int
+    targeted: int
+    targeted_by_platform: dict[str, int]
+    sent: int
+    invalid: int
+    failed: int
+    suppressed: int
+    deferred: int
+    retrying: int
+    expired: int
+    error: str | None
+    created_at: datetime
+    completed_at: datetime | None
+
+
+async def status(db: asyncpg.Pool | asyncpg.Connection, job_id: str) -> JobStatus | None:
+    """The ledger's view of one job, or None if it was never consumed."""
+    r = await db.fetchrow("SELECT * FROM jobs WHERE job_id = $1", job_id)
+    if r is None:
+        return None
+    return JobStatus(
+        job_id=r["job_id"],
+        type=r["type"],
+        state=r["state"],
+        dry_run=r["dry_run"],
+        audience_kind=r["audience_kind"],
+        audience_users=r["audience_users"],
+        users_done=r["users_done"],
+        shards_total=r["shards_total"],
+        shards_done=r["shards_done"],
+        targeted=r["targeted"],
+        targeted_by_platform={
+            "android": r["targeted_android"],
+            "ios": r["targeted_ios"],
+            "web": r["targeted_web"],
+        },
+        sent=r["sent"],
+        invalid=r["invalid"],
+        failed=r["failed"],
+        suppressed=r["suppressed"],
+        deferred=r["deferred"],
+        retrying=r["retrying"],
+        expired=r["expired"],
+        error=r["error"],
+        created_at=r["created_at"],
+        completed_at=r["completed_at"],
+    )

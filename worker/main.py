@@ -1,0 +1,84 @@
+"""``pushfan worker``: build the pipeline from the settings and run it until stopped.
+
+Start-up problems (a broker or database that cannot be reached, missing platform
+credentials) are a :class:`~pushfan.errors.SetupError` before anything is consumed.
+Stopping (SIGTERM, SIGINT) stops consuming, lets in-flight pages finish and report
+within ``drain_timeout_s``, commits, and leaves the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from contextlib import AsyncExitStack
+
+from prometheus_client import start_http_server
+
+from pushfan.db import create_pool
+from pushfan.kafka import make_producer, start_client
+from pushfan.logs import get_logger
+from pushfan.metrics import Metrics
+from pushfan.settings import Settings
+from worker.consumer import WorkerConsumer
+from worker.dispatch import Dispatcher
+from worker.fanout import ALL_PLATFORMS, Fanout
+from worker.handlers import Handlers
+from worker.report import Reporter
+from worker.retry import RetryPolicy
+from worker.senders.factory import build_senders
+
+log = get_logger("pushfan.worker")
+
+
+def owner_id() -> str:
+    """This process's name in the ledger's shard fencing: unique per start."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    r = settings.retry
+    return RetryPolicy(
+        max_attempts=r.max_attempts,
+        max_total_s=r.max_total_s,
+        base_delay_s=r.base_delay_s,
+        max_delay_s=r.max_delay_s,
+    )
+
+
+async def run(settings: Settings, stop: asyncio.Event, metrics: Metrics | None = None) -> None:
+    """The worker, until ``stop`` is set."""
+    metrics = metrics or Metrics()
+    w = settings.worker
+    if w.metrics_port:
+        start_http_server(w.metrics_port, registry=metrics.registry)
+    async with AsyncExitStack() as stack:
+        pool = await create_pool(settings.database)
+        stack.push_async_callback(pool.close)
+        senders = build_senders(settings, ALL_PLATFORMS)
+        dispatcher = Dispatcher(
+            senders, w, retry_policy(settings), apns_topic=settings.apns.topic or ""
+        )
+        stack.push_async_callback(dispatcher.close)
+        producer = make_producer(settings.kafka)
+        await start_client(producer, settings.kafka)
+        stack.push_async_callback(producer.stop)
+        reporter = Reporter(producer, settings.kafka.topics, metrics)
+        fanout = Fanout(pool, dispatcher, reporter, metrics, w, owner=owner_id())
+        handlers = Handlers(settings, fanout, dispatcher, reporter, producer, metrics)
+        consumer = WorkerConsumer(
+            settings.kafka,
+            w.group_id,
+            {
+                settings.kafka.topics.jobs: handlers.job,
+                settings.kafka.topics.shards: handlers.shard,
+                settings.kafka.topics.retry: handlers.retry,
+            },
+            handlers.dead_letter,
+            drain_timeout_s=w.drain_timeout_s,
+        )
+        await consumer.start()
+        stack.push_async_callback(consumer.close)
+        log.info("worker consuming", owner=fanout.owner, group=w.group_id)
+        await consumer.run(stop)
