@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
+from pushfan.db import migrate
 from pushfan.emulators.runner import Emulators, start_emulators
 from pushfan.metrics import Metrics
 from pushfan.settings import Settings
-from registry import store
+from registry import cleanup, store
+from schemas import DeadLetter, InvalidTokenEvent
 from tests.worker_harness import (
     add_segment,
     add_tokens,
@@ -21,8 +27,11 @@ from tests.worker_harness import (
     make_job,
     own_topics,
     publish,
+    read_topic,
     running_worker,
+    until_none_active,
     wait_for_job,
+    with_worker,
 )
 
 
@@ -97,7 +106,7 @@ async def test_broadcast_to_a_segment_reaches_every_token_once_across_two_worker
     first, second = Metrics(), Metrics()
     async with running_worker(wsettings, first), running_worker(wsettings, second):
         await publish(wsettings, job)
-        done = await wait_for_job(db, job.job_id, timeout=120)
+        done = await wait_for_job(db, job.job_id, within=120)
 
     got = deliveries(emulators)
     assert done.state == "completed"
@@ -110,4 +119,142 @@ async def test_broadcast_to_a_segment_reaches_every_token_once_across_two_worker
     shares = [
         m.registry.get_sample_value("pushfan_worker_users_done_total") or 0 for m in (first, second)
     ]
-    assert sum(shares) == 25_000 and min(shares) > 0, shares
+    assert sum(shares) == 25_000
+    assert min(shares) > 0, shares
+
+
+async def test_a_malformed_job_is_dead_lettered_and_the_next_job_goes_out(
+    wsettings: Settings, db: asyncpg.Pool, emulators: Emulators
+) -> None:
+    t = tag()
+    token = fcm_token(t, 1)
+    await add_tokens(db, [(f"u-{t}", "android", token)])
+    no_payload = make_job({"kind": "user", "user_id": f"u-{t}"}).model_dump(mode="json")
+    del no_payload["payload"]
+    good = make_job({"kind": "user", "user_id": f"u-{t}"})
+
+    async with running_worker(wsettings):
+        await publish(wsettings, b"{not json", json.dumps(no_payload).encode(), good)
+        done = await wait_for_job(db, good.job_id)
+        letters = [
+            DeadLetter.from_bytes(raw)
+            for raw in await read_topic(wsettings, wsettings.kafka.topics.dead_letter, 2)
+        ]
+
+    assert done.state == "completed"
+    assert deliveries(emulators) == {token: 1}
+    by_kind = {letter.error_kind: letter for letter in letters}
+    assert by_kind["decode"].original == b"{not json"
+    assert "JSON" in by_kind["decode"].error
+    assert by_kind["validation"].original == json.dumps(no_payload).encode()
+    assert by_kind["validation"].error == "payload: Field required"
+    assert {letter.topic for letter in letters} == {wsettings.kafka.topics.jobs}
+
+
+async def test_an_expired_job_sends_nothing_and_a_dry_run_only_counts(
+    wsettings: Settings, db: asyncpg.Pool, emulators: Emulators
+) -> None:
+    t = tag()
+    users = [f"d{t}-{i:04d}" for i in range(2_500)]
+    rows = [(u, "android", fcm_token(t, i)) for i, u in enumerate(users)]
+    rows += [(u, "ios", apns_token(t, i)) for i, u in enumerate(users) if i % 5 == 0]
+    await add_tokens(db, rows)
+    await add_segment(db, f"seg-{t}", users)
+    now = datetime.now(UTC)
+    expired = make_job(
+        {"kind": "user", "user_id": users[0]},
+        created_at=now - timedelta(hours=2),
+        expires_at=now - timedelta(hours=1),
+    )
+    preview = make_job({"kind": "segment", "segment": f"seg-{t}"}, dry_run=True)
+
+    async with running_worker(wsettings):
+        await publish(wsettings, expired, preview)
+        gone = await wait_for_job(db, expired.job_id)
+        counted = await wait_for_job(db, preview.job_id)
+
+    assert deliveries(emulators) == {}
+    assert (gone.state, gone.targeted, gone.sent) == ("expired", 0, 0)
+    assert counted.state == "completed"
+    assert counted.dry_run
+    assert counted.targeted_by_platform == {"android": 2_500, "ios": 500, "web": 0}
+    assert (counted.targeted, counted.sent, counted.users_done) == (3_000, 0, 2_500)
+
+
+async def test_dead_tokens_are_reported_and_skipped_after_cleanup(
+    wsettings: Settings, db: asyncpg.Pool, emulators: Emulators
+) -> None:
+    t = tag()
+    users = [f"x{t}-{i:03d}" for i in range(300)]
+    android = {u: fcm_token(t, i) for i, u in enumerate(users)}
+    ios = {u: apns_token(t, i) for i, u in enumerate(users)}
+    await add_tokens(db, [(u, "android", tok) for u, tok in android.items()])
+    await add_tokens(db, [(u, "ios", tok) for u, tok in ios.items()])
+    await add_segment(db, f"seg-{t}", users)
+    dead_fcm = {android[u] for u in users[:7]}
+    dead_apns = {ios[u] for u in users[10:13]}
+    emulators.fcm.script.configure({"dead_tokens": sorted(dead_fcm)})
+    emulators.apns.script.configure({"dead_tokens": sorted(dead_apns)})
+
+    first = make_job({"kind": "segment", "segment": f"seg-{t}"}, type="news")
+    async with running_worker(wsettings):
+        await publish(wsettings, first)
+        done = await wait_for_job(db, first.job_id)
+        events = [
+            InvalidTokenEvent.from_bytes(raw)
+            for raw in await read_topic(wsettings, wsettings.kafka.topics.invalid_tokens, 10)
+        ]
+    assert (done.sent, done.invalid) == (600 - 10, 10)
+    assert {(e.token, e.reason) for e in events} == {(tok, "UNREGISTERED") for tok in dead_fcm} | {
+        (tok, "Unregistered") for tok in dead_apns
+    }
+    assert {e.job_id for e in events} == {first.job_id}
+
+    stop = asyncio.Event()
+    sweeper = cleanup.Cleanup(wsettings.kafka, db, Metrics(), group_id=f"clean-{t}")
+    await sweeper.start()
+    task = asyncio.create_task(sweeper.run(stop))
+    try:
+        await until_none_active(db, dead_fcm | dead_apns)
+    finally:
+        stop.set()
+        await task
+        await sweeper.close()
+
+    emulators.fcm.script.reset()
+    emulators.apns.script.reset()
+    second = make_job({"kind": "segment", "segment": f"seg-{t}"}, type="news")
+    async with running_worker(wsettings):
+        await publish(wsettings, second)
+        again = await wait_for_job(db, second.job_id)
+    assert (again.targeted, again.sent, again.invalid) == (590, 590, 0)
+    assert not (dead_fcm | dead_apns) & set(deliveries(emulators))
+
+
+async def test_an_all_users_broadcast_with_a_platform_filter(
+    settings: Settings, empty_database_url: str, emulators: Emulators
+) -> None:
+    """ "all" on a database of its own, so no other test's tokens join the audience."""
+    await migrate(empty_database_url)
+    base = settings.model_copy(
+        update={
+            "database": settings.database.model_copy(update={"url": SecretStr(empty_database_url)})
+        }
+    )
+    wsettings = with_worker(await own_topics(emulators.apply(base)), page_size=100)
+    pool = await asyncpg.create_pool(empty_database_url, min_size=1, max_size=4)
+    assert pool is not None
+    try:
+        users = [f"a-{i:05d}" for i in range(1_234)]
+        ios = [(u, "ios", apns_token("all", i)) for i, u in enumerate(users) if i % 2]
+        await add_tokens(pool, [(u, "android", fcm_token("all", i)) for i, u in enumerate(users)])
+        await add_tokens(pool, ios)
+        job = make_job({"kind": "all"}, platforms=["ios"])
+        async with running_worker(wsettings):
+            await publish(wsettings, job)
+            done = await wait_for_job(pool, job.job_id)
+    finally:
+        await pool.close()
+    assert deliveries(emulators) == {token: 1 for _, _, token in ios}
+    # 617 iPhone users, shards of 5 pages of 100: 2 shards, the last one open above.
+    assert (done.audience_users, done.shards_total, done.sent) == (617, 2, 617)

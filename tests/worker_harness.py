@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from pushfan.emulators.runner import Emulators
-from pushfan.kafka import ensure_topics, make_producer, start_client
+from pushfan.kafka import assign_all, ensure_topics, make_consumer, make_producer, start_client
 from pushfan.metrics import Metrics
 from pushfan.settings import Settings, TopicSettings
 from schemas import NotificationJob
@@ -119,11 +119,11 @@ async def running_worker(
 
 
 async def wait_for_job(
-    db: asyncpg.Pool, job_id: str, *, timeout: float = 60, states: frozenset[str] | None = None
+    db: asyncpg.Pool, job_id: str, *, within: float = 60, states: frozenset[str] | None = None
 ) -> ledger.JobStatus:
     """The job's ledger row once it reaches a final state (or one of ``states``)."""
     wanted = states or ledger.FINAL_STATES
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         while True:
             found = await ledger.status(db, job_id)
             if found is not None and found.state in wanted:
@@ -132,11 +132,11 @@ async def wait_for_job(
 
 
 async def wait_until_delivered(
-    emulators: Emulators, tokens: Iterable[str], *, timeout: float = 60
+    emulators: Emulators, tokens: Iterable[str], *, within: float = 60
 ) -> None:
     """Until every token in ``tokens`` has at least one delivery in the emulators' logs."""
     wanted = set(tokens)
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         while True:
             got = set(emulators.fcm.script.delivered) | set(emulators.apns.script.delivered)
             if wanted <= got:
@@ -147,3 +147,30 @@ async def wait_until_delivered(
 def deliveries(emulators: Emulators) -> dict[str, int]:
     """Deliveries per token, both platforms."""
     return {**emulators.fcm.script.delivered, **emulators.apns.script.delivered}
+
+
+async def read_topic(settings: Settings, topic: str, count: int, within: float = 30) -> list[bytes]:
+    """The first ``count`` values of ``topic`` (all partitions), read without a group."""
+    consumer = make_consumer(settings.kafka, group_id=None)
+    await start_client(consumer, settings.kafka)
+    out: list[bytes] = []
+    try:
+        await assign_all(consumer, topic)
+        async with asyncio.timeout(within):
+            while len(out) < count:
+                polled = await consumer.getmany(timeout_ms=200)
+                out.extend(r.value for records in polled.values() for r in records if r.value)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def until_none_active(db: asyncpg.Pool, tokens: Iterable[str], *, within: float = 30) -> None:
+    """Until none of ``tokens`` is active (the cleanup consumer deactivated them)."""
+    wanted = sorted(tokens)
+    sql = "SELECT count(*) FROM device_tokens WHERE token = ANY($1) AND is_active"
+    async with asyncio.timeout(within):
+        while True:
+            if not await db.fetchval(sql, wanted):
+                return
+            await asyncio.sleep(0.1)
