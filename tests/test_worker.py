@@ -23,6 +23,7 @@ from tests.worker_harness import (
     add_tokens,
     apns_token,
     deliveries,
+    eventually,
     fcm_token,
     make_job,
     own_topics,
@@ -33,6 +34,7 @@ from tests.worker_harness import (
     wait_for_job,
     with_worker,
 )
+from worker import ledger
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +260,52 @@ async def test_an_all_users_broadcast_with_a_platform_filter(
     assert deliveries(emulators) == {token: 1 for _, _, token in ios}
     # 617 iPhone users, shards of 5 pages of 100: 2 shards, the last one open above.
     assert (done.audience_users, done.shards_total, done.sent) == (617, 2, 617)
+
+
+async def test_a_30_second_fcm_outage_mid_broadcast_loses_nothing(
+    wsettings: Settings, db: asyncpg.Pool, emulators: Emulators
+) -> None:
+    t = tag()
+    users = [f"o{t}-{i:05d}" for i in range(6_000)]
+    android = {fcm_token(t, i) for i in range(len(users))}
+    ios = {apns_token(t, i) for i in range(0, len(users), 2)}
+    await add_tokens(db, [(u, "android", fcm_token(t, i)) for i, u in enumerate(users)])
+    await add_tokens(db, [(u, "ios", apns_token(t, i)) for i, u in enumerate(users) if i % 2 == 0])
+    await add_segment(db, f"seg-{t}", users)
+    # A slow FCM, so the outage starts with most of the broadcast still to send.
+    emulators.fcm.script.configure({"latency_ms": 40})
+    quick = wsettings.retry.model_copy(
+        update={"max_attempts": 3, "base_delay_s": 0.05, "max_delay_s": 0.5}
+    )
+    fast = with_worker(
+        wsettings.model_copy(update={"retry": quick}),
+        page_size=200,
+        park_delay_s=4.0,
+        park_max_delay_s=8.0,
+    )
+    fast = fast.model_copy(update={"fcm": fast.fcm.model_copy(update={"concurrency": 50})})
+    job = make_job({"kind": "segment", "segment": f"seg-{t}"}, type="news")
+
+    async with running_worker(fast):
+        await publish(fast, job)
+        await eventually(lambda: len(emulators.fcm.script.delivered) >= 1_000)
+        emulators.fcm.script.start_outage(30, "UNAVAILABLE")
+        before = len(emulators.fcm.script.delivered)
+        # Every shard finishes during the outage: FCM's tokens are parked, APNs goes on.
+        during = await wait_for_job(db, job.job_id, within=25)
+        assert emulators.fcm.script.current_outage() is not None
+        assert set(emulators.apns.script.delivered) == ios
+        assert during.retrying > 0
+        assert before < len(android)
+
+        async def settled() -> ledger.JobStatus | None:
+            found = await ledger.status(db, job.job_id)
+            return found if found is not None and found.retrying == 0 else None
+
+        done = await eventually(settled, within=90)
+        assert isinstance(done, ledger.JobStatus)
+
+    got = deliveries(emulators)
+    assert set(got) == android | ios
+    assert set(got.values()) == {1}
+    assert (done.sent, done.failed, done.retrying) == (len(android) + len(ios), 0, 0)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import json
+import os
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from pydantic import SecretStr
 
 from pushfan.emulators.runner import Emulators
 from pushfan.kafka import assign_all, ensure_topics, make_consumer, make_producer, start_client
@@ -131,19 +135,6 @@ async def wait_for_job(
             await asyncio.sleep(0.1)
 
 
-async def wait_until_delivered(
-    emulators: Emulators, tokens: Iterable[str], *, within: float = 60
-) -> None:
-    """Until every token in ``tokens`` has at least one delivery in the emulators' logs."""
-    wanted = set(tokens)
-    async with asyncio.timeout(within):
-        while True:
-            got = set(emulators.fcm.script.delivered) | set(emulators.apns.script.delivered)
-            if wanted <= got:
-                return
-            await asyncio.sleep(0.1)
-
-
 def deliveries(emulators: Emulators) -> dict[str, int]:
     """Deliveries per token, both platforms."""
     return {**emulators.fcm.script.delivered, **emulators.apns.script.delivered}
@@ -174,3 +165,39 @@ async def until_none_active(db: asyncpg.Pool, tokens: Iterable[str], *, within: 
             if not await db.fetchval(sql, wanted):
                 return
             await asyncio.sleep(0.1)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[object] | object], *, within: float = 30, every: float = 0.05
+) -> object:
+    """Poll ``check`` (sync or async) until it returns something truthy; return that."""
+    async with asyncio.timeout(within):
+        while True:
+            value = check()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+            await asyncio.sleep(every)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a ``pushfan`` subprocess build exactly ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFAN_")}
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    env.pop("DATABASE_URL", None)
+
+    def walk(values: dict[str, Any], prefix: str) -> None:
+        for key, value in values.items():
+            name = f"{prefix}{key.upper()}"
+            if isinstance(value, dict):
+                walk(value, f"{name}__")
+            elif isinstance(value, SecretStr):
+                env[name] = value.get_secret_value()
+            elif isinstance(value, (list, tuple)):
+                env[name] = json.dumps(list(value))
+            elif value is not None:
+                env[name] = str(value).lower() if isinstance(value, bool) else str(value)
+
+    walk(settings.model_dump(), "PUSHFAN_")
+    return env
