@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import uuid
+from datetime import UTC, datetime
 
+import asyncpg
 import pytest
 
 from pushfan.cli import PLANNED
+from schemas import NotificationJob
+from worker import ledger
+from worker.audience import Shard
 
 
 def pushfan(
@@ -37,6 +44,8 @@ def test_help_lists_every_subcommand(service_env: dict[str, str]) -> None:
         "registry",
         "cleanup",
         "hygiene",
+        "worker",
+        "status",
         *PLANNED,
     }
 
@@ -116,3 +125,41 @@ def test_up_on_a_fresh_machine_starts_its_own_stack() -> None:
     assert "read back (identical)" in out.stdout
     assert "Kafka broker (tansu)" in out.stdout or "Kafka broker (testcontainers)" in out.stdout
     assert "PostgreSQL (embedded)" in out.stdout or "PostgreSQL (testcontainers)" in out.stdout
+
+
+async def test_status_shows_a_broadcasts_progress_and_counts(
+    service_env: dict[str, str], db: asyncpg.Pool
+) -> None:
+    job = NotificationJob.model_validate(
+        {
+            "job_id": f"status-{uuid.uuid4().hex[:8]}",
+            "type": "news",
+            "audience": {"kind": "segment", "segment": "everyone"},
+            "payload": {"title": "Hello"},
+            "created_at": datetime.now(UTC),
+        }
+    )
+    await ledger.begin(db, job)
+    shards = [Shard(0, None, "m", 3_000), Shard(1, "m", None, 1_000)]
+    await ledger.create_shards(db, job.job_id, shards)
+    claimed = await ledger.claim(db, job.job_id, 0, "me")
+    assert claimed is not None
+    counts = ledger.Counts(users=1_000, targeted={"android": 1_500, "ios": 400}, sent=1_890)
+    counts.invalid, counts.parked = 7, 3
+    assert await ledger.report_page(db, job.job_id, 0, "me", "f", counts, [])
+
+    out = pushfan("status", job.job_id, env=service_env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"job {job.job_id} (news, segment): running"
+    assert lines[1] == "  [" + "#" * 8 + "." * 22 + "]  25%  1,000 / 4,000 users   shards 0/2"
+    assert lines[2] == "  targeted   1,900 (android 1,500, ios 400)"
+    assert "sent 1,890  invalid 7  failed 0" in lines[3]
+    assert "retrying 3" in lines[3]
+
+    as_json = pushfan("status", "--json", job.job_id, env=service_env)
+    assert json.loads(as_json.stdout)["progress"] == 0.25
+
+    missing = pushfan("status", "no-such-job", env=service_env)
+    assert missing.returncode == 1
+    assert "no job 'no-such-job'" in missing.stderr

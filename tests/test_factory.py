@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +28,16 @@ async def emulators(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[E
     running = await start_emulators(tmp_path_factory.mktemp("factory"))
     yield running
     await running.stop()
+
+
+@pytest.fixture(autouse=True)
+def _keep_ssl_cert_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sdk_fcm points httpx at the emulators' CA through SSL_CERT_FILE, for the whole
+    process; later tests must not inherit it."""
+    original = os.environ.get("SSL_CERT_FILE")
+    monkeypatch.setenv("SSL_CERT_FILE", original or "unset")
+    if original is None:
+        monkeypatch.delenv("SSL_CERT_FILE")
 
 
 def _job() -> NotificationJob:

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from pushfan.logs import get_logger
 from pushfan.settings import WorkerSettings
 from schemas import InvalidTokenEvent, NotificationJob, Platform
 from schemas.work import ParkedToken, RetryBatch
@@ -32,6 +33,8 @@ from worker.senders.factory import SERVICE
 
 # Parked, not failed: they may pass later (CONFIG_ERROR once someone fixes the credentials).
 PARK_KINDS = frozenset({OutcomeKind.RETRY, OutcomeKind.QUOTA, OutcomeKind.CONFIG_ERROR})
+
+log = get_logger("pushfan.worker")
 
 Target = tuple[int, str]  # (device_tokens.id, token)
 
@@ -153,6 +156,14 @@ class Dispatcher:
             else:
                 sent.counts.failed += 1
         if again:
+            log.warning(
+                "tokens parked for a later send",
+                platform=platform,
+                tokens=len(again),
+                of=len(targets),
+                reason=reason,
+                job_id=job.job_id,
+            )
             if len(again) == len(targets):
                 # Nothing got through: the platform is down or refuses us. Pause it.
                 gate.close_for(self.park_delay(attempt + 1), reason)

@@ -120,7 +120,15 @@ def _write_private(path: Path, data: bytes) -> None:
 def _write_tls(creds: Credentials) -> None:
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pushfan emulators local CA")])
+    # A name of its own per CA: a verifier holding two emulator CAs (SSL_CERT_FILE naming
+    # one, a ca_file the other) finds issuers by name and would check against the wrong key.
+    ca_name = x509.Name(
+        [
+            x509.NameAttribute(
+                NameOID.COMMON_NAME, f"pushfan emulators local CA {os.urandom(4).hex()}"
+            )
+        ]
+    )
     ca = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
