@@ -1,9 +1,9 @@
 """``pushfan up`` (``make run``): the whole system on embedded defaults, and a demo.
 
-Today it starts the infrastructure (a Kafka-protocol broker and PostgreSQL, see
+It starts the infrastructure (a Kafka-protocol broker and PostgreSQL, see
 :mod:`pushfan.stack`) and the FCM and APNs emulators, applies the migrations, creates
-the topics, and shows a notification job travelling through the real broker. The
-services (worker, registry, cleanup) join this as their issues land.
+the topics, runs a fanout worker sending to the emulators, and runs the demo of
+:mod:`pushfan.demo` through it. The worker keeps serving until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,19 +12,15 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
-import uuid
-from datetime import UTC, datetime, timedelta
 
 from pushfan.db import migrate
 from pushfan.emulators.runner import SERVING, describe, start_emulators
-from pushfan.kafka import assign_all, ensure_topics, make_consumer, make_producer, start_client
+from pushfan.kafka import ensure_topics
 from pushfan.settings import Settings
 from pushfan.stack import Stack, redact_url, start_stack
-from schemas import NotificationJob, decode_job
 
 
-def run_up(settings: Settings, *, exit_after_demo: bool) -> int:
+def run_up(settings: Settings, *, exit_after_demo: bool, demo_users: int = 20_000) -> int:
     """Start the stack, run the demo, serve until SIGINT/SIGTERM (or not), stop cleanly."""
     print("pushfan up: starting the embedded stack ...", flush=True)
     # The client libraries narrate connections and rebalances at INFO; keep the demo readable.
@@ -33,20 +29,33 @@ def run_up(settings: Settings, *, exit_after_demo: bool) -> int:
     # Started from the main thread: the broker process is tied to the thread that spawned it.
     stack = start_stack(settings, purpose="pushfan")
     try:
-        return asyncio.run(_up(stack.apply(settings), stack, exit_after_demo))
+        return asyncio.run(_up(stack.apply(settings), stack, exit_after_demo, demo_users))
     finally:
         stack.close()
         print("pushfan up: stopped", flush=True)
 
 
-async def _up(settings: Settings, stack: Stack, exit_after_demo: bool) -> int:
+async def _up(settings: Settings, stack: Stack, exit_after_demo: bool, demo_users: int) -> int:
+    from pushfan.demo import run_demo
+    from worker.main import run as run_worker
+
     applied = await migrate(settings.database.url.get_secret_value())
     created = await ensure_topics(settings.kafka)
     print(f"  migrations applied: {', '.join(f'{m.version:04d}_{m.name}' for m in applied) or '-'}")
     print(f"  topics created:     {', '.join(created) or '-'}")
     emulators = await start_emulators()
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(emulators.apply(settings), stop))
     try:
-        if not await _demo_round_trip(settings):
+        print(f"  worker: consuming {settings.kafka.topics.jobs}, sending to the emulators")
+        demo = asyncio.create_task(run_demo(settings, emulators, users=demo_users))
+        await asyncio.wait({demo, worker}, return_when=asyncio.FIRST_COMPLETED)
+        if worker.done():
+            demo.cancel()
+            worker.result()  # the worker's start-up error, if that is what ended it
+            return 1
+        if not demo.result():
+            print("pushfan up: the demo did not deliver what it should", flush=True)
             return 1
         _print_where(settings, stack)
         print(describe(emulators), flush=True)
@@ -56,61 +65,15 @@ async def _up(settings: Settings, stack: Stack, exit_after_demo: bool) -> int:
         await wait_for_stop_signal()
         return 0
     finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await worker
         await emulators.stop()
 
 
-async def _demo_round_trip(settings: Settings) -> bool:
-    """Publish an "order shipped" job and read it back from the broker, as the worker will.
-
-    Returns whether the job read back equals the one published.
-    """
-    now = datetime.now(UTC)
-    job = NotificationJob.model_validate(
-        {
-            "job_id": f"demo-{uuid.uuid4().hex[:12]}",
-            "type": "order_shipped",
-            "priority": "normal",
-            "audience": {"kind": "user", "user_id": "42"},
-            "payload": {
-                "title": "Your order has shipped",
-                "body": "Order 123 is on its way.",
-                "data": {"order_id": "123"},
-            },
-            "created_at": now,
-            "expires_at": now + timedelta(hours=1),
-        }
-    )
-    topic = settings.kafka.topics.jobs
-    producer = make_producer(settings.kafka)
-    consumer = make_consumer(settings.kafka, group_id=None)
-    await start_client(producer, settings.kafka)
-    try:
-        await start_client(consumer, settings.kafka)
-    except BaseException:
-        await producer.stop()
-        raise
-    try:
-        started = time.perf_counter()
-        meta = await producer.send_and_wait(topic, job.to_bytes(), key=b"42")
-        await assign_all(consumer, topic)
-        async with asyncio.timeout(30):
-            async for record in consumer:
-                if record.value is None:
-                    continue
-                received = decode_job(record.value)
-                if received.job_id == job.job_id:
-                    break
-        elapsed_ms = (time.perf_counter() - started) * 1000
-    finally:
-        await consumer.stop()
-        await producer.stop()
-    same = received == job
-    print(
-        f"  demo: job {job.job_id} published to {topic}[{meta.partition}]@{meta.offset} "
-        f"and read back ({'identical' if same else 'DIFFERENT: the wire format is broken'}) "
-        f"in {elapsed_ms:.0f} ms"
-    )
-    return same
+def _metrics_url(settings: Settings) -> str:
+    port = settings.worker.metrics_port
+    return f"http://127.0.0.1:{port}/metrics" if port else "not served (metrics_port 0)"
 
 
 def _print_where(settings: Settings, stack: Stack) -> None:
@@ -119,6 +82,7 @@ def _print_where(settings: Settings, stack: Stack) -> None:
         (f"Kafka broker ({stack.broker.kind})", stack.broker.bootstrap_servers),
         (f"PostgreSQL ({stack.database.kind})", redact_url(db)),
         ("jobs topic", settings.kafka.topics.jobs),
+        ("worker metrics", _metrics_url(settings)),
     ]
     width = max(len(name) for name, _ in rows) + 1
     print(
@@ -127,6 +91,7 @@ def _print_where(settings: Settings, stack: Stack) -> None:
         + "Point other pushfan commands at it with:\n"
         f"  export KAFKA_BOOTSTRAP_SERVERS={stack.broker.bootstrap_servers}\n"
         f"  export DATABASE_URL='{redact_url(db)}'\n"
+        "and follow a job with `pushfan status JOB_ID`.\n"
         "Platform emulators (scriptable; see pushfan/emulators/script.py):",
         flush=True,
     )

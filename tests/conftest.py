@@ -97,6 +97,7 @@ def service_env(stack: Stack, settings: Settings) -> dict[str, str]:
         DATABASE_URL=settings.database.url.get_secret_value(),
         PUSHFAN_KAFKA__ENABLE_IDEMPOTENCE=str(stack.broker.supports_idempotence).lower(),
         PUSHFAN_LOGGING__FORMAT="json",
+        PUSHFAN_WORKER__METRICS_PORT="0",
     )
     topics = settings.kafka.topics
     for name in type(topics).model_fields:

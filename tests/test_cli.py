@@ -101,10 +101,18 @@ def test_planned_commands_say_they_are_not_there_yet(
 
 @pytest.mark.slow
 def test_up_on_the_session_stack_runs_the_demo(service_env: dict[str, str]) -> None:
-    out = pushfan("up", "--exit-after-demo", env=service_env)
+    out = pushfan("up", "--exit-after-demo", "--demo-users", "3000", env=service_env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "applied: 0001_initial" in out.stdout
-    assert "read back (identical)" in out.stdout
+    assert "applied: 0001_initial, 0002_fanout" in out.stdout
+    assert re.search(
+        r"demo 1: order shipped for user 42: job \S+ completed in \d+ ms, sent to 3 devices"
+        r" \(iphone, pixel, tablet\); the logged-out old phone got nothing",
+        out.stdout,
+    )
+    assert "(3,000 users, 6,000 tokens)" in out.stdout
+    assert re.search(
+        r"completed in [\d.]+ s: 6,000 sent .* the emulators received 6,000", out.stdout
+    )
     assert "Kafka broker (external)" in out.stdout
     assert re.search(r"FCM v1 emulator: +https://127\.0\.0\.1:\d+/v1/projects/", out.stdout)
     assert re.search(r"APNs emulator: +https://127\.0\.0\.1:\d+/3/device/", out.stdout)
@@ -119,10 +127,11 @@ def test_up_on_a_fresh_machine_starts_its_own_stack() -> None:
         for k, v in os.environ.items()
         if not k.startswith("PUSHFAN_") and k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
     }
-    env["PUSHFAN_LOGGING__FORMAT"] = "json"
-    out = pushfan("up", "--exit-after-demo", env=env)
+    env.update(PUSHFAN_LOGGING__FORMAT="json", PUSHFAN_WORKER__METRICS_PORT="0")
+    out = pushfan("up", "--exit-after-demo", "--demo-users", "500", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "read back (identical)" in out.stdout
+    assert "sent to 3 devices" in out.stdout
+    assert "the emulators received 1,000" in out.stdout
     assert "Kafka broker (tansu)" in out.stdout or "Kafka broker (testcontainers)" in out.stdout
     assert "PostgreSQL (embedded)" in out.stdout or "PostgreSQL (testcontainers)" in out.stdout
 

@@ -17,6 +17,7 @@ from contextlib import AsyncExitStack
 from prometheus_client import start_http_server
 
 from pushfan.db import create_pool
+from pushfan.errors import SetupError
 from pushfan.kafka import make_producer, start_client
 from pushfan.logs import get_logger
 from pushfan.metrics import Metrics
@@ -51,9 +52,17 @@ async def run(settings: Settings, stop: asyncio.Event, metrics: Metrics | None =
     """The worker, until ``stop`` is set."""
     metrics = metrics or Metrics()
     w = settings.worker
-    if w.metrics_port:
-        start_http_server(w.metrics_port, registry=metrics.registry)
     async with AsyncExitStack() as stack:
+        if w.metrics_port:
+            try:
+                server, _ = start_http_server(w.metrics_port, registry=metrics.registry)
+            except OSError as exc:
+                raise SetupError(
+                    f"cannot serve metrics on port {w.metrics_port}: {exc}"
+                    " (set PUSHFAN_WORKER__METRICS_PORT to a free port, or 0 for none)"
+                ) from exc
+            stack.callback(server.server_close)
+            stack.callback(server.shutdown)
         pool = await create_pool(settings.database)
         stack.push_async_callback(pool.close)
         senders = build_senders(settings, ALL_PLATFORMS)
