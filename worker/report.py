@@ -3,7 +3,8 @@
 Invalid-token events go to the cleanup consumer's topic, parked tokens to the retry
 topic, both awaited (acks=all) before the ledger moves; then metrics, aggregated per
 page. Events are keyed by the token's fingerprint: reports about one token stay in one
-partition, and the key (which brokers log and tools print) never holds the token.
+partition, and the key (which brokers log and tools print) never holds the token. Retry
+batches are keyed by batch, so the batches of a big broadcast spread over the group.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Reporter:
         for batch in sent.parked:
             futures.append(
                 await self.producer.send(
-                    self.topics.retry, batch.to_bytes(), key=batch.job.job_id.encode()
+                    self.topics.retry, batch.to_bytes(), key=batch.batch_id.encode()
                 )
             )
         if futures:
