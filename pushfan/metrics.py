@@ -104,7 +104,7 @@ class Metrics:
         self.pages = Counter(f"{PREFIX}_worker_pages", "Audience pages reported.", registry=r)
         self.stage_seconds = Histogram(
             f"{PREFIX}_worker_stage_seconds",
-            "Time per page in each stage: resolve, query, send, report, commit.",
+            "Time in each stage: resolve, query, send, report (a page), commit (a record).",
             ["stage"],
             buckets=_STAGE_BUCKETS,
             registry=r,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from pushfan.kafka import make_consumer, start_client
 from pushfan.logs import get_logger
+from pushfan.metrics import Metrics
 from pushfan.settings import KafkaSettings
 
 log = get_logger("pushfan.worker")
@@ -71,9 +73,11 @@ class WorkerConsumer(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         dead_letter: DeadLetterFn,
         *,
         drain_timeout_s: float = 20.0,
+        metrics: Metrics | None = None,
         **overrides: object,
     ) -> None:
         self.kafka = kafka
+        self.metrics = metrics
         self.handlers = dict(handlers)
         self.dead_letter = dead_letter
         self.drain_timeout_s = drain_timeout_s
@@ -154,8 +158,12 @@ class WorkerConsumer(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
     async def _commit(self, tp: TopicPartition, offset: int) -> None:
         if tp not in self.consumer.assignment():
             return
+        started = time.perf_counter()
         try:
             await self.consumer.commit({tp: offset})
+            if self.metrics is not None:
+                seconds = time.perf_counter() - started
+                self.metrics.child(self.metrics.stage_seconds, "commit").observe(seconds)
         except (CommitFailedError, IllegalStateError, KafkaError) as exc:
             # Partitions moved on: the new owner finds the ledger says this record is done.
             log.warning("commit refused", topic=tp.topic, partition=tp.partition, error=repr(exc))

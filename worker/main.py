@@ -86,6 +86,7 @@ async def run(settings: Settings, stop: asyncio.Event, metrics: Metrics | None =
             },
             handlers.dead_letter,
             drain_timeout_s=w.drain_timeout_s,
+            metrics=metrics,
         )
         await consumer.start()
         stack.push_async_callback(consumer.close)
