@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 
 from pushfan.db import migrate
+from pushfan.emulators.runner import Emulators, start_emulators
 from pushfan.logs import configure_logging
 from pushfan.settings import LoggingSettings, Settings, load_settings
 from pushfan.stack import Stack, start_stack
@@ -80,6 +81,14 @@ async def db(migrated: str) -> AsyncIterator[asyncpg.Pool]:
     assert pool is not None
     yield pool
     await pool.close()
+
+
+@pytest.fixture(scope="module")
+async def emulators(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Emulators]:
+    """FCM and APNs emulators for one test module (their own key material)."""
+    running = await start_emulators(tmp_path_factory.mktemp("emulators"))
+    yield running
+    await running.stop()
 
 
 @pytest.fixture

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
-from pushfan.emulators.runner import Emulators, start_emulators
+from pushfan.emulators.runner import Emulators
 from pushfan.errors import SetupError
 from pushfan.settings import Settings, load_settings
 from schemas import NotificationJob
@@ -21,13 +20,6 @@ from worker.senders.base import OutcomeKind
 from worker.senders.factory import build_senders
 from worker.senders.fcm import FcmSender
 from worker.senders.fcm_sdk import FcmSdkSender
-
-
-@pytest.fixture(scope="module")
-async def emulators(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Emulators]:
-    running = await start_emulators(tmp_path_factory.mktemp("factory"))
-    yield running
-    await running.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import pytest
 
 from pushfan.emulators.apns import ApnsEmulator
 from pushfan.emulators.credentials import Credentials
-from pushfan.emulators.runner import Emulators, start_emulators
+from pushfan.emulators.runner import Emulators
 from pushfan.emulators.server import HttpServer, ServerOptions
 from schemas import NotificationJob
 from worker.render import render_apns, render_fcm
@@ -51,13 +51,6 @@ def fcm_token(i: int) -> str:
 
 def apns_token(i: int) -> str:
     return f"{i:064x}"
-
-
-@pytest.fixture(scope="module")
-async def emulators(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Emulators]:
-    running = await start_emulators(tmp_path_factory.mktemp("emulators"))
-    yield running
-    await running.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -13,7 +12,7 @@ import pytest
 from pydantic import SecretStr
 
 from pushfan.db import migrate
-from pushfan.emulators.runner import Emulators, start_emulators
+from pushfan.emulators.runner import Emulators
 from pushfan.metrics import Metrics
 from pushfan.settings import Settings
 from registry import cleanup, store
@@ -35,13 +34,6 @@ from tests.worker_harness import (
     with_worker,
 )
 from worker import ledger
-
-
-@pytest.fixture(scope="module")
-async def emulators(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Emulators]:
-    running = await start_emulators(tmp_path_factory.mktemp("emulators"))
-    yield running
-    await running.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -6,12 +6,11 @@ import asyncio
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from pushfan.emulators.runner import Emulators, start_emulators
+from pushfan.emulators.runner import Emulators
 from pushfan.settings import Settings
 from tests.worker_harness import (
     add_segment,
@@ -30,13 +29,6 @@ from tests.worker_harness import (
 
 PAGE_USERS = 100
 PARTITIONS = 4
-
-
-@pytest.fixture(scope="module")
-async def emulators(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Emulators]:
-    running = await start_emulators(tmp_path_factory.mktemp("emulators"))
-    yield running
-    await running.stop()
 
 
 @pytest.fixture
