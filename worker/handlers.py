@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import zlib
 from datetime import UTC, datetime
 from typing import TypeAlias
 
@@ -127,6 +128,12 @@ class Handlers:
         return True
 
     async def _publish(self, job: NotificationJob, shards: list[Shard]) -> None:
+        """One message per shard, dealt round the shards topic's partitions in turn: hashed
+        keys can leave one partition (and so one worker) with several shards of a job
+        while another has none. A shard published again lands where it did before."""
+        topic = self.topics.shards
+        partitions = sorted(await self.producer.partitions_for(topic))
+        first = zlib.crc32(job.job_id.encode())  # jobs start on different partitions
         futures = []
         for shard in shards:
             task = ShardTask(
@@ -136,7 +143,10 @@ class Handlers:
                 until=shard.until,
             )
             key = f"{job.job_id}:{shard.shard_no}".encode()
-            futures.append(await self.producer.send(self.topics.shards, task.to_bytes(), key=key))
+            partition = partitions[(first + shard.shard_no) % len(partitions)]
+            futures.append(
+                await self.producer.send(topic, task.to_bytes(), key=key, partition=partition)
+            )
         await asyncio.gather(*futures)
 
     def _count(self, outcome: str) -> None:
