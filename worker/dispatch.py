@@ -61,8 +61,11 @@ class Dispatcher:
         policy: RetryPolicy,
         *,
         apns_topic: str = "",
+        in_flight: Mapping[str, int] | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        """``in_flight``: requests each service's sender keeps in flight (its
+        ``concurrency`` setting), per service name (``fcm``, ``apns``)."""
         self.senders = senders
         self.settings = settings
         self.policy = policy
@@ -73,6 +76,15 @@ class Dispatcher:
             "apns": RateLimiter(settings.apns_per_minute),
         }
         self.gates = {"fcm": PlatformGate(), "apns": PlatformGate()}
+        # Chunks in flight per service: enough to keep the sender's requests in flight
+        # busy, no more. Every lane's pages wait here as one coroutine per chunk; handed
+        # to the sender at once, they became a coroutine per token queued on its
+        # semaphore, and that queueing grew with the lanes (measured before this cap: 135
+        # µs of worker CPU a token with 12 partitions, 96 with 2).
+        self.slots = {
+            service: asyncio.Semaphore(-(-concurrency // settings.send_chunk) + 1)
+            for service, concurrency in (in_flight or {"fcm": 1000, "apns": 1000}).items()
+        }
         self._rendered: dict[tuple[str, str], Message] = {}
 
     def message(self, job: NotificationJob, platform: Platform) -> Message:
@@ -122,7 +134,24 @@ class Dispatcher:
             self._park(job, platform, targets, shard_no, attempt, gate.reason, sent)
             sent.outcomes[(platform, "parked", gate.reason)] += len(targets)
             return
-        await self.limiters[service].acquire(len(targets))
+        async with self.slots[service]:
+            if gate.remaining > 0:  # the platform failed while this chunk waited
+                self._park(job, platform, targets, shard_no, attempt, gate.reason, sent)
+                sent.outcomes[(platform, "parked", gate.reason)] += len(targets)
+                return
+            await self.limiters[service].acquire(len(targets))
+            await self._send_chunk(job, platform, targets, shard_no, attempt, sent)
+
+    async def _send_chunk(
+        self,
+        job: NotificationJob,
+        platform: Platform,
+        targets: Sequence[Target],
+        shard_no: int | None,
+        attempt: int,
+        sent: Sent,
+    ) -> None:
+        gate = self.gates[SERVICE[platform]]
         sender = self.senders[platform]
         message = self.message(job, platform)
         started = datetime.now(UTC)

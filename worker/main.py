@@ -67,7 +67,11 @@ async def run(settings: Settings, stop: asyncio.Event, metrics: Metrics | None =
         stack.push_async_callback(pool.close)
         senders = build_senders(settings, ALL_PLATFORMS)
         dispatcher = Dispatcher(
-            senders, w, retry_policy(settings), apns_topic=settings.apns.topic or ""
+            senders,
+            w,
+            retry_policy(settings),
+            apns_topic=settings.apns.topic or "",
+            in_flight={"fcm": settings.fcm.concurrency, "apns": settings.apns.concurrency},
         )
         stack.push_async_callback(dispatcher.close)
         producer = make_producer(settings.kafka)
