@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from bench.cleanup import bench_cleanup
+from bench.fanout import run as bench_fanout
 from bench.registry import run as bench_registry
 from bench.senders import run as bench_senders
 from pushfan.db import migrate
@@ -174,7 +175,7 @@ async def _seed(conn: asyncpg.Connection, users: int) -> None:
     await conn.execute("ANALYZE")
 
 
-STAGES = ["decode", "broker", "page", "cleanup", "registry", "senders"]
+STAGES = ["decode", "broker", "page", "cleanup", "registry", "fanout", "senders"]
 
 
 async def _main(settings: Settings, args: argparse.Namespace) -> None:
@@ -205,6 +206,11 @@ def main() -> None:
         "--registrations", type=int, default=8_000, help="registry API requests per phase"
     )
     parser.add_argument(
+        "--big",
+        action="store_true",
+        help="fanout: also a 1,000,000-user broadcast, for the worker's peak RSS (slow)",
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
         choices=STAGES,
@@ -228,6 +234,10 @@ def main() -> None:
                 args.registrations,
                 pin_database=stack.database.kind == "embedded",
             )
+        if "fanout" in args.only:
+            # pushfan worker processes on the broker and a fresh database of the stack's
+            # server; they and the emulators' process are pinned to cores of their own.
+            bench_fanout(stack, settings, args.users, args.sends, big=args.big)
     finally:
         stack.close()
     if "senders" in args.only:
