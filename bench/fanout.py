@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import json
 import os
 import shutil
 import signal
@@ -68,7 +67,7 @@ from bench.cpu import find_postmaster, pin_tree
 from bench.senders import EmulatorProcess, lean_apns, lean_fcm, start_emulator_process
 from pushfan.db import migrate
 from pushfan.kafka import ensure_topics, make_producer, start_client
-from pushfan.settings import Settings, TopicSettings
+from pushfan.settings import Settings, TopicSettings, subprocess_env
 from pushfan.stack import Stack, free_port
 from schemas import NotificationJob
 from worker import ledger
@@ -136,29 +135,6 @@ async def fresh_state(conn: asyncpg.Connection) -> None:
 
 
 # --- worker processes ------------------------------------------------------------------
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a ``pushfan`` subprocess build exactly ``settings``
-    (as tests/worker_harness.py does it)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFAN_")}
-    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    env.pop("DATABASE_URL", None)
-
-    def walk(values: dict[str, Any], prefix: str) -> None:
-        for key, value in values.items():
-            name = f"{prefix}{key.upper()}"
-            if isinstance(value, dict):
-                walk(value, f"{name}__")
-            elif isinstance(value, SecretStr):
-                env[name] = value.get_secret_value()
-            elif isinstance(value, (list, tuple)):
-                env[name] = json.dumps(list(value))
-            elif value is not None:
-                env[name] = str(value).lower() if isinstance(value, bool) else str(value)
-
-    walk(settings.model_dump(), "PUSHFAN_")
-    return env
 
 
 def _die_with_parent() -> None:
@@ -229,7 +205,7 @@ def start_worker(settings: Settings, name: str, cpus: Cpus, logdir: Path) -> Wor
     """``pushfan worker`` on ``cpus`` (with taskset where it exists), until stopped."""
     port = free_port()
     worker = settings.worker.model_copy(update={"metrics_port": port})
-    env = settings_env(settings.model_copy(update={"worker": worker}))
+    env = subprocess_env(settings.model_copy(update={"worker": worker}))
     cmd = [sys.executable, "-m", "pushfan.cli", "worker"]
     if shutil.which("taskset"):
         # taskset execs the worker: the pid is the worker's

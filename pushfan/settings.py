@@ -9,6 +9,7 @@ Nothing here is read at import time: call :func:`load_settings` once in ``main``
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -331,6 +332,30 @@ def _known_env_names() -> set[str]:
     # A whole section may also be given as one JSON object, e.g. PUSHFAN_KAFKA__TOPICS='{...}'.
     sections = {name.rsplit(ENV_NESTED_DELIMITER, 1)[0] for name in leaves}
     return leaves | sections
+
+
+def subprocess_env(settings: Settings) -> dict[str, str]:
+    """An environment that makes a ``pushfan`` subprocess build exactly ``settings``:
+    this process's environment without its pushfan variables, plus every setting as its
+    ``PUSHFAN_`` variable (secrets included: pass it to a child process, never log it)."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)}
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    env.pop("DATABASE_URL", None)
+
+    def walk(values: dict[str, Any], prefix: str) -> None:
+        for key, value in values.items():
+            name = f"{prefix}{key.upper()}"
+            if isinstance(value, dict):
+                walk(value, f"{name}{ENV_NESTED_DELIMITER}")
+            elif isinstance(value, SecretStr):
+                env[name] = value.get_secret_value()
+            elif isinstance(value, (list, tuple)):
+                env[name] = json.dumps(list(value))
+            elif value is not None:
+                env[name] = str(value).lower() if isinstance(value, bool) else str(value)
+
+    walk(settings.model_dump(), ENV_PREFIX)
+    return env
 
 
 def load_settings(**overrides: Any) -> Settings:

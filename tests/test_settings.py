@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from pushfan.settings import Settings, env_names, load_settings
+from pushfan.settings import Settings, env_names, load_settings, subprocess_env
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -107,3 +108,19 @@ def test_inconsistent_settings_are_refused(
 def test_an_empty_optional_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PUSHFAN_KAFKA__SASL_MECHANISM", "")
     assert load_settings().kafka.sasl_mechanism is None
+
+
+def test_a_subprocess_environment_rebuilds_the_same_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    changed = load_settings(
+        worker={"page_size": 7},
+        kafka={"enable_idempotence": False, "sasl_password": "s3cret"},
+    )
+    env = subprocess_env(changed)
+    assert env["PUSHFAN_KAFKA__SASL_PASSWORD"] == "s3cret"
+    for name in list(os.environ):
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings() == changed

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from pushfan.emulators.runner import Emulators
-from pushfan.settings import Settings
+from pushfan.settings import Settings, subprocess_env
 from tests.worker_harness import (
     add_segment,
     add_tokens,
@@ -22,7 +22,6 @@ from tests.worker_harness import (
     make_job,
     own_topics,
     publish,
-    settings_env,
     wait_for_job,
     with_worker,
 )
@@ -61,7 +60,7 @@ async def _worker(settings: Settings) -> asyncio.subprocess.Process:
         "-m",
         "pushfan.cli",
         "worker",
-        env=settings_env(settings),
+        env=subprocess_env(settings),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )

@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from pydantic import SecretStr
 
 from pushfan.emulators.runner import Emulators
 from pushfan.kafka import assign_all, ensure_topics, make_consumer, make_producer, start_client
@@ -179,25 +176,3 @@ async def eventually(
             if value:
                 return value
             await asyncio.sleep(every)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a ``pushfan`` subprocess build exactly ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFAN_")}
-    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    env.pop("DATABASE_URL", None)
-
-    def walk(values: dict[str, Any], prefix: str) -> None:
-        for key, value in values.items():
-            name = f"{prefix}{key.upper()}"
-            if isinstance(value, dict):
-                walk(value, f"{name}__")
-            elif isinstance(value, SecretStr):
-                env[name] = value.get_secret_value()
-            elif isinstance(value, (list, tuple)):
-                env[name] = json.dumps(list(value))
-            elif value is not None:
-                env[name] = str(value).lower() if isinstance(value, bool) else str(value)
-
-    walk(settings.model_dump(), "PUSHFAN_")
-    return env
