@@ -129,15 +129,20 @@ class Dispatcher:
         sent: Sent,
     ) -> None:
         service = SERVICE[platform]
-        gate = self.gates[service]
-        if gate.remaining > 0:
+
+        def paused() -> bool:
+            """Park the chunk unsent if its platform is paused."""
+            gate = self.gates[service]
+            if gate.remaining <= 0:
+                return False
             self._park(job, platform, targets, shard_no, attempt, gate.reason, sent)
             sent.outcomes[(platform, "parked", gate.reason)] += len(targets)
+            return True
+
+        if paused():
             return
         async with self.slots[service]:
-            if gate.remaining > 0:  # the platform failed while this chunk waited
-                self._park(job, platform, targets, shard_no, attempt, gate.reason, sent)
-                sent.outcomes[(platform, "parked", gate.reason)] += len(targets)
+            if paused():  # the platform failed while this chunk waited for a slot
                 return
             await self.limiters[service].acquire(len(targets))
             await self._send_chunk(job, platform, targets, shard_no, attempt, sent)
