@@ -60,9 +60,7 @@ class Handlers:
 
     # -- dead letters --------------------------------------------------------------------
 
-    async def dead_letter(
-        self, record: Record, error: str, kind: str, job: NotificationJob | None = None
-    ) -> None:
+    async def dead_letter(self, record: Record, error: str, kind: str) -> None:
         letter = DeadLetter(
             original=record.value or b"",
             key=record.key,
@@ -77,7 +75,6 @@ class Handlers:
         await self.producer.send_and_wait(
             self.topics.dead_letter, letter.to_bytes(), key=record.key
         )
-        await ledger.record_dead_letter(self.pool, job, error)
         self.metrics.child(self.metrics.dead_letters, kind).inc()
         self.metrics.child(self.metrics.jobs, "dead_lettered").inc()
         log.warning(

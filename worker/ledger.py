@@ -74,23 +74,6 @@ async def finish(db: asyncpg.Pool, job_id: str, state: str, error: str | None = 
     )
 
 
-async def record_dead_letter(db: asyncpg.Pool, job: NotificationJob | None, error: str) -> None:
-    """A job that decoded but could not be processed: a row in state ``dead_lettered``."""
-    if job is None:
-        return
-    await db.execute(
-        "INSERT INTO jobs (job_id, type, priority, audience_kind, dry_run, state, error,"
-        " completed_at) VALUES ($1, $2, $3, $4, $5, 'dead_lettered', $6, now())"
-        " ON CONFLICT (job_id) DO NOTHING",
-        job.job_id,
-        job.type,
-        job.priority,
-        job.audience.kind,
-        job.dry_run,
-        error,
-    )
-
-
 async def create_shards(db: asyncpg.Pool, job_id: str, shards: Sequence[Shard]) -> None:
     """Record a split: the shard rows and the job's shard total and audience size."""
     async with db.acquire() as conn, conn.transaction():
@@ -155,17 +138,6 @@ class Counts:
     suppressed: int = 0
     parked: int = 0
     expired: int = 0
-
-    def add(self, other: Counts) -> None:
-        self.users += other.users
-        for platform, n in other.targeted.items():
-            self.targeted[platform] = self.targeted.get(platform, 0) + n
-        self.sent += other.sent
-        self.invalid += other.invalid
-        self.failed += other.failed
-        self.suppressed += other.suppressed
-        self.parked += other.parked
-        self.expired += other.expired
 
 
 # One round trip per page: the delivered tokens' usage, the shard's cursor and counts
