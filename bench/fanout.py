@@ -461,8 +461,7 @@ def phase_settings(settings: Settings, url: str, em: EmulatorProcess, tag: str) 
     emulator process, no FCM rate limit."""
     c = em.credentials
     prefix = f"bench-fanout-{tag}-{uuid.uuid4().hex[:6]}."
-    names = {n: f"{prefix}{n.replace('_', '-')}" for n in TopicSettings.model_fields}
-    kafka = settings.kafka.model_copy(update={"topics": TopicSettings(**names)})
+    kafka = settings.kafka.model_copy(update={"topics": TopicSettings.prefixed(prefix)})
     worker = settings.worker.model_copy(
         update={"group_id": f"{prefix}workers", "fcm_per_minute": 0, "apns_per_minute": 0}
     )

@@ -42,6 +42,12 @@ class TopicSettings(_Section):
         "pushfan.invalid-tokens", description="Dead tokens reported by the platforms."
     )
 
+    @classmethod
+    def prefixed(cls, prefix: str) -> TopicSettings:
+        """Every topic named ``<prefix><field, dashed>``: topics of their own for a test
+        session, a test or a benchmark on a shared broker."""
+        return cls(**{name: f"{prefix}{name.replace('_', '-')}" for name in cls.model_fields})
+
 
 class KafkaSettings(_Section):
     bootstrap_servers: str = Field(

@@ -117,11 +117,7 @@ class Stack:
             }
         )
         if topic_prefix is not None:
-            names = {
-                name: f"{topic_prefix}{name.replace('_', '-')}"
-                for name in TopicSettings.model_fields
-            }
-            kafka = kafka.model_copy(update={"topics": TopicSettings(**names)})
+            kafka = kafka.model_copy(update={"topics": TopicSettings.prefixed(topic_prefix)})
         database = settings.database.model_copy(update={"url": SecretStr(self.database.url)})
         return settings.model_copy(update={"kafka": kafka, "database": database})
 

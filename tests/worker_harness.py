@@ -38,9 +38,8 @@ def apns_token(tag: str, i: int) -> str:
 async def own_topics(settings: Settings, partitions: int = 4) -> Settings:
     """``settings`` with topics (and a consumer group) no other test uses, created."""
     prefix = f"w-{uuid.uuid4().hex[:8]}."
-    names = {name: f"{prefix}{name.replace('_', '-')}" for name in TopicSettings.model_fields}
     kafka = settings.kafka.model_copy(
-        update={"topics": TopicSettings(**names), "topic_partitions": partitions}
+        update={"topics": TopicSettings.prefixed(prefix), "topic_partitions": partitions}
     )
     worker = settings.worker.model_copy(
         update={"group_id": f"{prefix}workers", "metrics_port": 0, "drain_timeout_s": 5.0}
