@@ -66,6 +66,7 @@ from pydantic import SecretStr
 from bench.cpu import find_postmaster, pin_tree
 from bench.senders import EmulatorProcess, lean_apns, lean_fcm, start_emulator_process
 from pushfan.db import migrate
+from pushfan.emulators.runner import DEFAULT_APNS_TOPIC, point_at
 from pushfan.kafka import ensure_topics, make_producer, start_client
 from pushfan.settings import Settings, TopicSettings, subprocess_env
 from pushfan.stack import Stack, free_port
@@ -459,33 +460,20 @@ def news_job(audience: dict[str, Any], job_id: str) -> NotificationJob:
 def phase_settings(settings: Settings, url: str, em: EmulatorProcess, tag: str) -> Settings:
     """``settings`` for one phase: its own topics and group, the fresh database, the
     emulator process, no FCM rate limit."""
-    c = em.credentials
     prefix = f"bench-fanout-{tag}-{uuid.uuid4().hex[:6]}."
     kafka = settings.kafka.model_copy(update={"topics": TopicSettings.prefixed(prefix)})
     worker = settings.worker.model_copy(
         update={"group_id": f"{prefix}workers", "fcm_per_minute": 0, "apns_per_minute": 0}
     )
-    fcm = settings.fcm.model_copy(
-        update={
-            "implementation": "lean",
-            "endpoint": f"https://127.0.0.1:{em.fcm_port}",
-            "project_id": c.fcm_project_id,
-            "credentials_file": c.fcm_service_account_file,
-            "access_token": None,
-            "ca_file": c.ca_file,
-        }
+    pointed = point_at(
+        settings,
+        em.credentials,
+        f"https://127.0.0.1:{em.fcm_port}",
+        f"https://127.0.0.1:{em.apns_port}",
+        DEFAULT_APNS_TOPIC,
     )
-    apns = settings.apns.model_copy(
-        update={
-            "implementation": "lean",
-            "endpoint": f"https://127.0.0.1:{em.apns_port}",
-            "key_file": c.apns_key_file,
-            "key_id": c.apns_key_id,
-            "team_id": c.apns_team_id,
-            "topic": "com.example.pushfan",
-            "ca_file": c.ca_file,
-        }
-    )
+    fcm = pointed.fcm.model_copy(update={"implementation": "lean"})
+    apns = pointed.apns.model_copy(update={"implementation": "lean"})
     database = settings.database.model_copy(update={"url": SecretStr(url)})
     logging = settings.logging.model_copy(update={"level": "WARNING", "format": "json"})
     return settings.model_copy(

@@ -38,31 +38,41 @@ class Emulators:
 
     def apply(self, settings: Settings) -> Settings:
         """``settings`` with the FCM and APNs senders pointed at these emulators."""
-        c = self.credentials
-        fcm = settings.fcm.model_copy(
-            update={
-                "endpoint": self.fcm_url,
-                "project_id": c.fcm_project_id,
-                "credentials_file": c.fcm_service_account_file,
-                "access_token": None,
-                "ca_file": c.ca_file,
-            }
+        return point_at(
+            settings, self.credentials, self.fcm_url, self.apns_url, self.apns_topics[0]
         )
-        apns = settings.apns.model_copy(
-            update={
-                "endpoint": self.apns_url,
-                "key_file": c.apns_key_file,
-                "key_id": c.apns_key_id,
-                "team_id": c.apns_team_id,
-                "topic": self.apns_topics[0],
-                "ca_file": c.ca_file,
-            }
-        )
-        return settings.model_copy(update={"fcm": fcm, "apns": apns})
 
     async def stop(self) -> None:
         await self.fcm_server.stop()
         await self.apns_server.stop()
+
+
+def point_at(
+    settings: Settings, credentials: Credentials, fcm_url: str, apns_url: str, apns_topic: str
+) -> Settings:
+    """``settings`` with the FCM and APNs senders pointed at emulators serving at these
+    URLs with ``credentials`` (in this process or another)."""
+    c = credentials
+    fcm = settings.fcm.model_copy(
+        update={
+            "endpoint": fcm_url,
+            "project_id": c.fcm_project_id,
+            "credentials_file": c.fcm_service_account_file,
+            "access_token": None,
+            "ca_file": c.ca_file,
+        }
+    )
+    apns = settings.apns.model_copy(
+        update={
+            "endpoint": apns_url,
+            "key_file": c.apns_key_file,
+            "key_id": c.apns_key_id,
+            "team_id": c.apns_team_id,
+            "topic": apns_topic,
+            "ca_file": c.ca_file,
+        }
+    )
+    return settings.model_copy(update={"fcm": fcm, "apns": apns})
 
 
 async def start_emulators(
