@@ -233,6 +233,28 @@ async def test_stream_limit_from_settings_is_honoured(peer_server: StartPeer) ->
     assert most_open == 2
 
 
+async def test_a_request_waiting_for_a_stream_fails_at_its_deadline(
+    peer_server: StartPeer,
+) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.preface({http2.MAX_CONCURRENT_STREAMS: 0})  # no stream, ever
+        with contextlib.suppress(EOFError):
+            while True:
+                await peer.next_frame()
+
+    pool = await peer_server(script, max_connections=1, timeout_s=0.3)
+    waiting = [asyncio.create_task(pool.request("POST", "/x", [], b"b")) for _ in range(3)]
+    # A bound against a hang, far above the deadline: the pool's sweeper must end them.
+    done, _ = await asyncio.wait(waiting, timeout=10)
+
+    assert done == set(waiting)
+    for task in waiting:
+        error = task.exception()
+        assert isinstance(error, H2Error)
+        assert error.retryable
+        assert "waiting for a stream" in str(error)
+
+
 @pytest.mark.parametrize(
     ("bad_frame", "code"),
     [

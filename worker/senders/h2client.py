@@ -422,7 +422,7 @@ class H2Pool:
         self.connections: list[_Connection] = []
         self.connects = 0  # connections opened so far (for tests and metrics)
         self._connecting: asyncio.Task[None] | None = None
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[tuple[float, asyncio.Future[None]]] = deque()
         self._sweeper: asyncio.Task[None] | None = None
         self._failed_until = 0.0
         self._last_error: H2Error | SetupError | None = None
@@ -477,11 +477,10 @@ class H2Pool:
                     self._connecting = loop.create_task(self._connect())
             if loop.time() >= deadline:
                 raise H2Error("TIMEOUT waiting for a stream", retryable=True)
+            # No timer per wait: the sweeper wakes a waiter whose deadline has passed.
             waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.append(waiter)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
-                    await waiter
+            self._waiters.append((deadline, waiter))
+            await waiter
 
     async def _connect(self) -> None:
         """Open one connection; only one runs at a time. Wakes every waiting request."""
@@ -517,7 +516,7 @@ class H2Pool:
     def _wake(self, *, everyone: bool = False) -> None:
         """Let a request waiting for a stream look again (all of them on bigger changes)."""
         while self._waiters:
-            waiter = self._waiters.popleft()
+            _, waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 if not everyone:
@@ -535,6 +534,16 @@ class H2Pool:
             now = loop.time()
             for conn in list(self.connections):
                 conn.expire(now)
+            if self._waiters and min(d for d, _ in self._waiters) <= now:
+                waiting = self._waiters
+                self._waiters = deque()
+                for deadline, waiter in waiting:
+                    if waiter.done():
+                        continue
+                    if deadline <= now:
+                        waiter.set_result(None)  # it sees its deadline and raises
+                    else:
+                        self._waiters.append((deadline, waiter))
 
     async def close(self) -> None:
         """Let in-flight requests finish (within their deadlines), then close."""
@@ -550,6 +559,6 @@ class H2Pool:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        for waiter in self._waiters:
+        for _, waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
