@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +27,12 @@ from pushfan.settings import Settings, TopicSettings
 from worker import ledger
 
 
-def phase_settings(settings: Settings, url: str, em: EmulatorProcess, tag: str) -> Settings:
+def phase_settings(
+    settings: Settings, url: str, em: EmulatorProcess, tag: str, *, in_flight: int | None = None
+) -> Settings:
     """``settings`` for one phase: its own topics and group, the fresh database, the
-    emulator process, no FCM rate limit."""
+    emulator process, no FCM rate limit; with ``in_flight``, each sender's concurrency
+    (requests in flight per platform per worker)."""
     prefix = f"bench-fanout-{tag}-{uuid.uuid4().hex[:6]}."
     kafka = settings.kafka.model_copy(update={"topics": TopicSettings.prefixed(prefix)})
     worker = settings.worker.model_copy(
@@ -42,8 +45,11 @@ def phase_settings(settings: Settings, url: str, em: EmulatorProcess, tag: str) 
         f"https://127.0.0.1:{em.apns_port}",
         DEFAULT_APNS_TOPIC,
     )
-    fcm = pointed.fcm.model_copy(update={"implementation": "lean"})
-    apns = pointed.apns.model_copy(update={"implementation": "lean"})
+    senders: dict[str, object] = {"implementation": "lean"}
+    if in_flight is not None:
+        senders["concurrency"] = in_flight
+    fcm = pointed.fcm.model_copy(update=senders)
+    apns = pointed.apns.model_copy(update=senders)
     database = settings.database.model_copy(update={"url": SecretStr(url)})
     logging = settings.logging.model_copy(update={"level": "WARNING", "format": "json"})
     return settings.model_copy(
@@ -92,6 +98,11 @@ class Broadcast:
     def rate(self) -> float:
         return self.tokens / self.seconds
 
+    @property
+    def worker_cores(self) -> float:
+        """Cores the workers used together during the broadcast."""
+        return sum(v for k, v in self.cores.procs.items() if k.startswith("worker"))
+
     def problems(self) -> list[str]:
         s = self.status
         out = []
@@ -125,9 +136,12 @@ async def broadcast(
     tokens: int,
     cpus: Sequence[Cpus],
     logdir: Path,
+    *,
+    script: Mapping[str, object] | None = None,
 ) -> Broadcast:
     """Start ``len(cpus)`` workers (each on its cpus), warm them up, time one broadcast
-    to ``segment``, stop them."""
+    to ``segment``, stop them. ``script`` scripts the emulators for the timed broadcast
+    only (the warm-up runs unscripted); reading their logs afterwards resets them."""
     await fresh_state(conn)
     await ensure_topics(settings.kafka)
     workers: list[WorkerProcess] = []
@@ -150,7 +164,7 @@ async def broadcast(
             await start_client(producer, settings.kafka)
             try:
                 await warm_up(settings, conn, producer, client, workers)
-                await reset_emulators(em)
+                await reset_emulators(em, script)
                 before = [await scrape(client, w.metrics_port) for w in workers]
                 rss_before = [w.rss_kb() for w in workers]
                 postmaster = await find_postmaster(settings.database.url.get_secret_value())

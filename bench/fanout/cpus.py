@@ -71,10 +71,13 @@ class CpuUse:
     procs: dict[str, float]  # cores used, by process; "other": the rest of the machine
     cpus: dict[str, float]  # busy share of each cpu (irq, softirq and steal included)
 
+    def busy(self) -> str:
+        """Each cpu's busy share, e.g. ``cpu0 45%, cpu1 60%``."""
+        return ", ".join(f"{k} {v:.0%}" for k, v in self.cpus.items())
+
     def line(self) -> str:
         procs = ", ".join(f"{k} {v:.2f}" for k, v in self.procs.items())
-        cpus = ", ".join(f"{k} {v:.0%}" for k, v in self.cpus.items())
-        return f"{procs}; busy {cpus}"
+        return f"{procs}; busy {self.busy()}"
 
 
 class CpuMeter:

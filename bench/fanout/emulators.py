@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -29,10 +30,16 @@ async def delivered(em: EmulatorProcess, port: int) -> Delivered:
     return Delivered(int(log["total"]), len(log["per_token"]))
 
 
-async def reset_emulators(em: EmulatorProcess) -> None:
+async def reset_emulators(em: EmulatorProcess, script: Mapping[str, object] | None = None) -> None:
+    """Forget both emulators' scripting and delivery logs; then, given ``script`` (the
+    control API's JSON, e.g. ``{"latency_ms": 100}``), script both with it. Raises
+    ``httpx.HTTPStatusError`` when an emulator refuses the script."""
     async with httpx.AsyncClient(verify=str(em.credentials.ca_file)) as client:
         for port in (em.fcm_port, em.apns_port):
-            await client.post(f"https://127.0.0.1:{port}/_emulator/reset")
+            base = f"https://127.0.0.1:{port}/_emulator"
+            (await client.post(f"{base}/reset")).raise_for_status()
+            if script:
+                (await client.put(f"{base}/script", json=dict(script))).raise_for_status()
 
 
 @dataclass

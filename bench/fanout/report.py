@@ -15,7 +15,10 @@ def _mb(kb: int) -> str:
     return f"{kb / 1024:,.0f} MB"
 
 
-def report(b: Broadcast, senders: Baseline, one: Broadcast | None = None) -> None:
+def report(b: Broadcast, senders: Baseline | None, one: Broadcast | None = None) -> None:
+    """Print ``b``: its rate (against the senders' own and ``one``'s when given), its
+    stages, each worker and the CPU. Without ``senders`` (a phase the senders' rate does
+    not bound) the comparisons with them are left out."""
     shards = b.status.shards_total or 0
     p = b.progress
     split = f", split in {p.split_s * 1000:,.0f} ms" if p.split_s is not None else ""
@@ -23,7 +26,7 @@ def report(b: Broadcast, senders: Baseline, one: Broadcast | None = None) -> Non
     check = "; ".join(b.problems()) or (
         f"every token delivered exactly once, ledger completed with sent {b.status.sent:,}"
     )
-    ratio = f"   ratio to the senders {b.rate / senders.rate:.2f}"
+    ratio = f"   ratio to the senders {b.rate / senders.rate:.2f}" if senders else ""
     speedup = f"   speed-up over 1 worker {b.rate / one.rate:.2f}x" if one else ""
     print(
         f"fanout {b.label:<10} {b.rate:>10,.0f} tokens/s end to end{ratio}{speedup}"
@@ -57,9 +60,8 @@ def report(b: Broadcast, senders: Baseline, one: Broadcast | None = None) -> Non
             f" (VmHWM; {_mb(w.rss_before_kb)} before the broadcast), {w.pages:,.0f} pages,"
             f" {w.users:,.0f} users"
         )
-    worker_cores = sum(v for k, v in b.cores.procs.items() if k.startswith("worker"))
-    cpu_us = worker_cores * b.seconds / b.tokens * 1e6
-    alone = f" (the senders alone: {senders.cpu_us:,.0f})"
+    cpu_us = b.worker_cores * b.seconds / b.tokens * 1e6
+    alone = f" (the senders alone: {senders.cpu_us:,.0f})" if senders else ""
     print(
         f"fanout {b.label:<10} CPU (cores): {b.cores.line()};"
         f" worker CPU {cpu_us:,.0f} us/token{alone}"

@@ -51,3 +51,16 @@ async def fresh_state(conn: asyncpg.Connection) -> None:
         "UPDATE device_tokens SET last_delivered_at = NULL WHERE last_delivered_at IS NOT NULL"
     )
     await conn.execute("VACUUM ANALYZE device_tokens")
+
+
+async def subsegment(conn: asyncpg.Connection, users: int, segment: str) -> dict[str, int]:
+    """A segment of the first ``users`` users :func:`seed` loaded (it must have loaded
+    that many), for a phase on a smaller audience of the same tokens. Tokens per
+    platform."""
+    await conn.copy_records_to_table(
+        "segment_members",
+        records=[(segment, user_id(i)) for i in range(users)],
+        columns=["segment", "user_id"],
+    )
+    await conn.execute("ANALYZE segment_members")
+    return {"android": users, "ios": users}

@@ -52,8 +52,9 @@ class WorkerProcess:
 
     @property
     def short(self) -> str:
-        """Its name in the output: worker, or worker A and worker B."""
-        return self.name.split(" ", 2)[-1] if self.name.count(" ") > 2 else "worker"
+        """Its name in the output, what follows the phase's label in ``name``: worker, or
+        worker A and worker B."""
+        return self.name.rpartition(": ")[2]
 
     def peak_rss_kb(self) -> int:
         return _proc_kb(self.pid, "VmHWM")
