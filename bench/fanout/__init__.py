@@ -9,7 +9,7 @@ and a consumer group of their own per phase, with ``FCM_PER_MINUTE=0`` (no rate 
 Where the machine has two cores or more and ``taskset`` exists, a single worker runs alone
 on the first core; the emulators, this process and what the stack started here (an
 embedded PostgreSQL, the Tansu broker) on the last, as servers of their own would not
-share the worker's core. Two workers get one core each, the second sharing it with the
+share the worker's core. Two workers may both run on every core, sharing them with the
 rest: no placement gives them a core each on two cores.
 
 1. **Senders' own rate**: the lean FCM and APNs senders (``bench/senders.py``) from this
@@ -29,7 +29,18 @@ rest: no placement gives them a core each on two cores.
    one. On two cores the emulators, PostgreSQL and both workers share the machine, so
    the ratio says what this machine allows, not what the worker would do with a core
    each; the pages each worker sent show how evenly the shards were shared.
-4. With ``--big``: one worker, 1,000,000 users (a database of its own), for peak RSS.
+4. **Latency-bound, one worker and two** (``--latency-ms``, default 100; 0 skips it):
+   the same two steps on the first ``--latency-users`` users (default 20,000), with both
+   emulators holding every response ``latency_ms`` (``PUT /_emulator/script``) and each
+   worker's senders keeping at most ``--latency-in-flight`` requests in flight per
+   platform (its ``PUSHFAN_FCM__CONCURRENCY`` and ``PUSHFAN_APNS__CONCURRENCY``; default
+   100). One worker's rate is then bound by its requests in flight over the latency
+   (2,000 tokens/s with the defaults), as a real worker's is by FCM's and APNs' tens of
+   ms per request, not by its CPU. Printed: two workers' speed-up against issue #5's
+   target of 1.7x, both rates, the workers' cores and each cpu's busy share, which must
+   stay well under 100% for the ratio to speak of the workers rather than the machine.
+   The emulators are reset afterwards.
+5. With ``--big``: one worker, 1,000,000 users (a database of its own), for peak RSS.
 
 Before each broadcast ``last_delivered_at`` is cleared and the table vacuumed, so every
 broadcast writes the same rows (the report stage marks tokens delivered at most once a
@@ -49,11 +60,13 @@ from pathlib import Path
 
 from bench.cpu import find_postmaster, pin_tree
 from bench.fanout.cpus import Placement, pin_threads, placement, tansu_pid
-from bench.fanout.phases import big_broadcast, broadcasts
+from bench.fanout.phases import LatencyBound, big_broadcast, broadcasts, latency_bound
 from bench.senders import EmulatorProcess, start_emulator_process
 from pushfan.db import migrate
 from pushfan.settings import Settings
 from pushfan.stack import Stack
+
+__all__ = ["LatencyBound", "run"]
 
 
 async def _bench(
@@ -65,14 +78,28 @@ async def _bench(
     sends: int,
     where: Placement,
     logdir: Path,
+    latency: LatencyBound | None,
 ) -> None:
     one, base = await broadcasts(settings, url, em, users, sends, where, logdir)
+    if latency is not None:
+        await latency_bound(settings, url, em, latency, where, logdir)
     if big_url is not None:
         await big_broadcast(settings, big_url, em, where, logdir, one, base)
 
 
-def run(stack: Stack, settings: Settings, users: int, sends: int, *, big: bool = False) -> None:
-    """The fanout benchmark on ``stack``'s broker, in fresh databases on its server."""
+def run(
+    stack: Stack,
+    settings: Settings,
+    users: int,
+    sends: int,
+    *,
+    big: bool = False,
+    latency: LatencyBound | None = None,
+) -> None:
+    """The fanout benchmark on ``stack``'s broker, in fresh databases on its server;
+    with ``latency``, the latency-bound comparison too (its users at most ``users``)."""
+    if latency is not None:
+        latency = replace(latency, users=min(latency.users, users))
     url = stack.database.create_sibling("pushfan_bench_fanout")
     big_url = stack.database.create_sibling("pushfan_bench_big") if big else None
     asyncio.run(migrate(url))
@@ -96,7 +123,7 @@ def run(stack: Stack, settings: Settings, users: int, sends: int, *, big: bool =
             if broker is not None:
                 pin_threads(broker, {where.rest})
             os.sched_setaffinity(0, {where.rest})
-        asyncio.run(_bench(settings, url, big_url, em, users, sends, where, logdir))
+        asyncio.run(_bench(settings, url, big_url, em, users, sends, where, logdir, latency))
     finally:
         os.sched_setaffinity(0, everywhere)
         if postmaster is not None:
