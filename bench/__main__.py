@@ -227,7 +227,8 @@ def main() -> None:
         "--latency-users",
         type=int,
         default=20_000,
-        help="fanout: users in the latency-bound phase (at most --users)",
+        help="fanout: users in the latency-bound phase (at most --users; two shards or more,"
+        " 10,000 users with the default pages and shards, or one worker of two idles)",
     )
     parser.add_argument(
         "--only",

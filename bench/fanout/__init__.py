@@ -30,7 +30,8 @@ rest: no placement gives them a core each on two cores.
    the ratio says what this machine allows, not what the worker would do with a core
    each; the pages each worker sent show how evenly the shards were shared.
 4. **Latency-bound, one worker and two** (``--latency-ms``, default 100; 0 skips it):
-   the same two steps on the first ``--latency-users`` users (default 20,000), with both
+   the same two steps on the first ``--latency-users`` users (default 20,000: 4 shards;
+   an audience of one shard would leave one of the two workers idle), with both
    emulators holding every response ``latency_ms`` (``PUT /_emulator/script``) and each
    worker's senders keeping at most ``--latency-in-flight`` requests in flight per
    platform (its ``PUSHFAN_FCM__CONCURRENCY`` and ``PUSHFAN_APNS__CONCURRENCY``; default

@@ -155,6 +155,8 @@ async def latency_bound(
     report(two, None, one)
     speedup = two.rate / one.rate
     exact = not (one.problems() or two.problems())
+    # Shards are what the pair shares: an audience of one shard leaves a worker idle.
+    shared = "/".join(f"{w.pages:,.0f}" for w in two.workers)
     print(
         f"fanout latency-bound ({lat.ms} ms per request, {lat.in_flight} in flight per platform"
         f" per worker): 2 workers / 1 worker {speedup:.2f}x (target {SPEEDUP_TARGET}x,"
@@ -162,6 +164,7 @@ async def latency_bound(
         f" tokens/s, 2 workers {two.rate:,.0f} tokens/s (one worker's ceiling"
         f" {lat.ceiling:,.0f}); workers' cores {one.worker_cores:.2f} and"
         f" {two.worker_cores:.2f}, busy {one.cores.busy()} and {two.cores.busy()};"
+        f" {two.status.shards_total or 0} shards, the pair's pages {shared};"
         f" {'every token delivered exactly once' if exact else 'NOT EXACT, see above'};"
         f" the phase took {time.perf_counter() - started:.0f} s"
     )
