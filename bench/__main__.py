@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from bench.cleanup import bench_cleanup
+from bench.fanout import LatencyBound
 from bench.fanout import run as bench_fanout
 from bench.registry import run as bench_registry
 from bench.senders import run as bench_senders
@@ -211,6 +212,25 @@ def main() -> None:
         help="fanout: also a 1,000,000-user broadcast, for the worker's peak RSS (slow)",
     )
     parser.add_argument(
+        "--latency-ms",
+        type=int,
+        default=100,
+        help="fanout: the latency-bound comparison's provider latency (0: skip that phase)",
+    )
+    parser.add_argument(
+        "--latency-in-flight",
+        type=int,
+        default=100,
+        help="fanout: requests in flight per platform per worker in the latency-bound phase",
+    )
+    parser.add_argument(
+        "--latency-users",
+        type=int,
+        default=20_000,
+        help="fanout: users in the latency-bound phase (at most --users; two shards or more,"
+        " 10,000 users with the default pages and shards, or one worker of two idles)",
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
         choices=STAGES,
@@ -237,7 +257,12 @@ def main() -> None:
         if "fanout" in args.only:
             # pushfan worker processes on the broker and a fresh database of the stack's
             # server; they and the emulators' process are pinned to cores of their own.
-            bench_fanout(stack, settings, args.users, args.sends, big=args.big)
+            latency = (
+                LatencyBound(args.latency_ms, args.latency_in_flight, args.latency_users)
+                if args.latency_ms > 0
+                else None
+            )
+            bench_fanout(stack, settings, args.users, args.sends, big=args.big, latency=latency)
     finally:
         stack.close()
     if "senders" in args.only:

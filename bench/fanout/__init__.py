@@ -1,0 +1,135 @@
+"""End to end: one broadcast through ``pushfan worker`` processes (issue #5's "Speed and
+memory").
+
+A fresh database on the bench's PostgreSQL gets ``users`` users with two active tokens
+each (one Android, one iOS) and a segment holding all of them, bulk-loaded with COPY. The
+FCM and APNs emulators run in a process of their own (``pushfan emulators``), the workers
+as ``python -m pushfan.cli worker`` configured only by ``PUSHFAN_*`` variables, on topics
+and a consumer group of their own per phase, with ``FCM_PER_MINUTE=0`` (no rate limit).
+Where the machine has two cores or more and ``taskset`` exists, a single worker runs alone
+on the first core; the emulators, this process and what the stack started here (an
+embedded PostgreSQL, the Tansu broker) on the last, as servers of their own would not
+share the worker's core. Two workers may both run on every core, sharing them with the
+rest: no placement gives them a core each on two cores.
+
+1. **Senders' own rate**: the lean FCM and APNs senders (``bench/senders.py``) from this
+   process, moved to the worker's core, against the same emulator process: each alone,
+   then both at once in this audience's platform mix, before and after the broadcasts
+   (the machine drifts). The mean of the last two is the baseline of the end-to-end
+   ratio.
+2. **One worker**: warmed up (single-user jobs on every partition, so it has joined the
+   group and opened its connections), then one segment job is published and the clock
+   runs from the publish to the ledger saying ``completed``. Printed: tokens/s, the ratio
+   to the senders' rate, the time per stage from the worker's ``/metrics``
+   (``pushfan_worker_stage_seconds`` by stage, the warm-up subtracted: resolve, query,
+   send and report per page, commit per record, a shard or the job), its peak RSS
+   (``VmHWM``), the cores each process used meanwhile and each cpu's busy share (from
+   ``/proc``), and the worker's CPU per token next to the senders' own.
+3. **Two workers** in one group, the same broadcast under a new job_id: the speed-up over
+   one. On two cores the emulators, PostgreSQL and both workers share the machine, so
+   the ratio says what this machine allows, not what the worker would do with a core
+   each; the pages each worker sent show how evenly the shards were shared.
+4. **Latency-bound, one worker and two** (``--latency-ms``, default 100; 0 skips it):
+   the same two steps on the first ``--latency-users`` users (default 20,000: 4 shards;
+   an audience of one shard would leave one of the two workers idle), with both
+   emulators holding every response ``latency_ms`` (``PUT /_emulator/script``) and each
+   worker's senders keeping at most ``--latency-in-flight`` requests in flight per
+   platform (its ``PUSHFAN_FCM__CONCURRENCY`` and ``PUSHFAN_APNS__CONCURRENCY``; default
+   100). One worker's rate is then bound by its requests in flight over the latency
+   (2,000 tokens/s with the defaults), as a real worker's is by FCM's and APNs' tens of
+   ms per request, not by its CPU. Printed: two workers' speed-up against issue #5's
+   target of 1.7x, both rates, the workers' cores and each cpu's busy share, which must
+   stay well under 100% for the ratio to speak of the workers rather than the machine.
+   The emulators are reset afterwards.
+5. With ``--big``: one worker, 1,000,000 users (a database of its own), for peak RSS.
+
+Before each broadcast ``last_delivered_at`` is cleared and the table vacuumed, so every
+broadcast writes the same rows (the report stage marks tokens delivered at most once a
+day: a second broadcast on the same day would skip those writes). Every token must be
+delivered exactly once by the emulators' log and counted once by the ledger. Nothing
+asserts a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from bench.cpu import find_postmaster, pin_tree
+from bench.fanout.cpus import Placement, pin_threads, placement, tansu_pid
+from bench.fanout.phases import LatencyBound, big_broadcast, broadcasts, latency_bound
+from bench.senders import EmulatorProcess, start_emulator_process
+from pushfan.db import migrate
+from pushfan.settings import Settings
+from pushfan.stack import Stack
+
+__all__ = ["LatencyBound", "run"]
+
+
+async def _bench(
+    settings: Settings,
+    url: str,
+    big_url: str | None,
+    em: EmulatorProcess,
+    users: int,
+    sends: int,
+    where: Placement,
+    logdir: Path,
+    latency: LatencyBound | None,
+) -> None:
+    one, base = await broadcasts(settings, url, em, users, sends, where, logdir)
+    if latency is not None:
+        await latency_bound(settings, url, em, latency, where, logdir)
+    if big_url is not None:
+        await big_broadcast(settings, big_url, em, where, logdir, one, base)
+
+
+def run(
+    stack: Stack,
+    settings: Settings,
+    users: int,
+    sends: int,
+    *,
+    big: bool = False,
+    latency: LatencyBound | None = None,
+) -> None:
+    """The fanout benchmark on ``stack``'s broker, in fresh databases on its server;
+    with ``latency``, the latency-bound comparison too (its users at most ``users``)."""
+    if latency is not None:
+        latency = replace(latency, users=min(latency.users, users))
+    url = stack.database.create_sibling("pushfan_bench_fanout")
+    big_url = stack.database.create_sibling("pushfan_bench_big") if big else None
+    asyncio.run(migrate(url))
+    if big_url is not None:
+        asyncio.run(migrate(big_url))
+    everywhere = os.sched_getaffinity(0)
+    where = placement(tuple(sorted(everywhere)))
+    # What the stack started here (an embedded PostgreSQL, the Tansu broker) moves off
+    # the worker's core, as servers of their own would not share it; this process too.
+    postmaster = asyncio.run(find_postmaster(url)) if stack.database.kind == "embedded" else None
+    broker = tansu_pid() if stack.broker.kind == "tansu" else None
+    if where.rest is not None:
+        pinned = ("PostgreSQL",) if postmaster is not None else ()
+        where = replace(where, pinned=pinned + (("the broker",) if broker is not None else ()))
+    logdir = Path(tempfile.mkdtemp(prefix="pushfan-bench-fanout-"))
+    em = start_emulator_process(where.rest)
+    try:
+        if where.rest is not None:
+            if postmaster is not None:
+                pin_tree(postmaster, {where.rest})
+            if broker is not None:
+                pin_threads(broker, {where.rest})
+            os.sched_setaffinity(0, {where.rest})
+        asyncio.run(_bench(settings, url, big_url, em, users, sends, where, logdir, latency))
+    finally:
+        os.sched_setaffinity(0, everywhere)
+        if postmaster is not None:
+            pin_tree(postmaster, everywhere)
+        if broker is not None:
+            pin_threads(broker, everywhere)
+        em.stop()
+        shutil.rmtree(logdir, ignore_errors=True)
