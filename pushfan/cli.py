@@ -319,12 +319,13 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
     from pushfan.db import create_pool
     from worker import ledger
+    from worker import status as job_status
     from worker.status import as_json, render
 
-    async def fetch() -> ledger.JobStatus | None:
+    async def fetch() -> job_status.JobStatus | None:
         pool = await create_pool(settings.database.model_copy(update={"min_pool_size": 1}))
         try:
-            return await ledger.status(pool, args.job_id)
+            return await job_status.status(pool, args.job_id)
         finally:
             await pool.close()
 

@@ -24,6 +24,7 @@ from pushfan.settings import Settings
 from registry import store
 from schemas import NotificationJob
 from worker import ledger
+from worker import status as job_status
 from worker.status import progress
 
 DEMO_USER = "42"
@@ -98,11 +99,11 @@ async def _publish(settings: Settings, job: NotificationJob) -> None:
 
 async def _finished(
     pool: asyncpg.Pool, job_id: str, *, within: float, show: bool = False
-) -> ledger.JobStatus:
+) -> job_status.JobStatus:
     async with asyncio.timeout(within):
         shown = -1.0
         while True:
-            found = await ledger.status(pool, job_id)
+            found = await job_status.status(pool, job_id)
             if found is not None:
                 share = progress(found)
                 if show and share is not None and share - shown >= 0.1:

@@ -90,9 +90,13 @@ class Metrics:
             ["platform"],
             registry=r,
         )
-        self.suppressed = Counter(
-            f"{PREFIX}_worker_suppressed_tokens",
-            "Tokens not sent because their user turned this notification type off.",
+        self.policy = Counter(
+            f"{PREFIX}_worker_policy_tokens",
+            "Tokens the delivery policy held back or let go, by decision: suppressed"
+            " (type turned off), deferred (quiet hours), released (sent once quiet hours"
+            " ended), capped (low-priority frequency cap), expired (deferred past the"
+            " job's expiry, not sent).",
+            ["decision"],
             registry=r,
         )
         self.parked = Counter(

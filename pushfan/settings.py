@@ -194,6 +194,21 @@ class WorkerSettings(_Section):
     metrics_port: int = Field(
         9102, ge=0, le=65535, description="Port of the worker's /metrics (0: not served)."
     )
+    release_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often the release scheduler looks for notifications whose"
+        " user's quiet hours have ended.",
+    )
+    low_cap: int = Field(
+        0,
+        ge=0,
+        description="Frequency cap: most low-priority notifications per user within"
+        " LOW_CAP_WINDOW_S (0: no cap).",
+    )
+    low_cap_window_s: int = Field(
+        86_400, ge=1, description="The frequency cap's rolling window, in seconds."
+    )
 
 
 class RegistrySettings(_Section):

@@ -3,7 +3,7 @@ policy for the job's type, in one round trip."""
 
 from __future__ import annotations
 
-from datetime import time
+from datetime import UTC, datetime, time, timedelta
 
 import asyncpg
 import pytest
@@ -80,7 +80,7 @@ async def test_the_query_can_use_the_active_user_index(conn: asyncpg.Connection)
     plan = "\n".join(
         r[0]
         for r in await conn.fetch(
-            "EXPLAIN " + PAGE_TOKENS_SQL, ["alice", "bob"], "order_shipped", None
+            "EXPLAIN " + PAGE_TOKENS_SQL, ["alice", "bob"], "order_shipped", None, None, ""
         )
     )
     assert "device_tokens_active_user_idx" in plan, plan
@@ -95,3 +95,30 @@ async def test_pages_of_any_size_come_back_whole(conn: asyncpg.Connection, page:
     )
     rows = await fetch_page_tokens(conn, users, "news")
     assert len(rows) == page
+
+
+async def test_rows_carry_the_users_recent_low_priority_sends_of_other_jobs(
+    conn: asyncpg.Connection,
+) -> None:
+    now = datetime(2026, 11, 23, 12, tzinfo=UTC)
+    await conn.execute(
+        "INSERT INTO device_tokens (token, user_id, platform) VALUES ('t-ann', 'ann', 'ios'),"
+        " ('t-ben', 'ben', 'ios')"
+    )
+    await conn.executemany(
+        "INSERT INTO low_priority_sends (user_id, job_id, sent_at) VALUES ($1, $2, $3)",
+        [
+            ("ann", "promo-1", now - timedelta(hours=1)),
+            ("ann", "promo-2", now - timedelta(hours=2)),
+            ("ann", "promo-old", now - timedelta(days=3)),  # outside the window
+            ("ann", "this-job", now - timedelta(minutes=1)),  # a resend of this very job
+        ],
+    )
+
+    capped = await fetch_page_tokens(
+        conn, ["ann", "ben"], "news", cap_since=now - timedelta(days=1), job_id="this-job"
+    )
+    uncapped = await fetch_page_tokens(conn, ["ann", "ben"], "news")
+
+    assert {r.user_id: r.recent_low for r in capped} == {"ann": 2, "ben": 0}
+    assert {r.user_id: r.recent_low for r in uncapped} == {"ann": 0, "ben": 0}

@@ -33,7 +33,7 @@ from tests.worker_harness import (
     wait_for_job,
     with_worker,
 )
-from worker import ledger
+from worker import status as job_status
 
 
 @pytest.fixture(autouse=True)
@@ -290,12 +290,12 @@ async def test_a_30_second_fcm_outage_mid_broadcast_loses_nothing(
         assert during.retrying > 0
         assert before < len(android)
 
-        async def settled() -> ledger.JobStatus | None:
-            found = await ledger.status(db, job.job_id)
+        async def settled() -> job_status.JobStatus | None:
+            found = await job_status.status(db, job.job_id)
             return found if found is not None and found.retrying == 0 else None
 
         done = await eventually(settled, within=90)
-        assert isinstance(done, ledger.JobStatus)
+        assert isinstance(done, job_status.JobStatus)
 
     got = deliveries(emulators)
     assert set(got) == android | ios

@@ -23,6 +23,8 @@ from pushfan.metrics import Metrics
 from pushfan.settings import Settings, TopicSettings
 from schemas import NotificationJob
 from worker import ledger
+from worker import status as job_status
+from worker.fanout import Clock, utc_now
 from worker.main import run
 
 
@@ -104,13 +106,27 @@ async def publish(settings: Settings, *values: bytes | NotificationJob) -> None:
         await producer.stop()
 
 
+class FakeClock:
+    """A worker clock the test moves (the policy's and expiry's now; Kafka, the database
+    and the emulators keep real time)."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def set(self, now: datetime) -> None:
+        self.now = now
+
+
 @contextlib.asynccontextmanager
 async def running_worker(
-    settings: Settings, metrics: Metrics | None = None
+    settings: Settings, metrics: Metrics | None = None, clock: Clock | None = None
 ) -> AsyncIterator[asyncio.Task[None]]:
     """``pushfan worker`` in this process until the block ends (then a graceful stop)."""
     stop = asyncio.Event()
-    task = asyncio.create_task(run(settings, stop, metrics or Metrics()))
+    task = asyncio.create_task(run(settings, stop, metrics or Metrics(), clock=clock or utc_now))
     try:
         yield task
     finally:
@@ -120,12 +136,12 @@ async def running_worker(
 
 async def wait_for_job(
     db: asyncpg.Pool, job_id: str, *, within: float = 60, states: frozenset[str] | None = None
-) -> ledger.JobStatus:
+) -> job_status.JobStatus:
     """The job's ledger row once it reaches a final state (or one of ``states``)."""
     wanted = states or ledger.FINAL_STATES
     async with asyncio.timeout(within):
         while True:
-            found = await ledger.status(db, job_id)
+            found = await job_status.status(db, job_id)
             if found is not None and found.state in wanted:
                 return found
             await asyncio.sleep(0.1)

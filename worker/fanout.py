@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 
 import asyncpg
@@ -28,6 +28,12 @@ from worker.report import Reporter
 from worker.tokens import PageToken, fetch_page_tokens
 
 ALL_PLATFORMS: tuple[Platform, ...] = ("android", "ios", "web")
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class End(Enum):
@@ -50,8 +56,11 @@ class Fanout:
         *,
         owner: str,
         platforms: tuple[Platform, ...] = ALL_PLATFORMS,
+        clock: Clock = utc_now,
     ) -> None:
+        """``clock``: what the policy and expiry take as now (tests move it)."""
         self.pool = pool
+        self.clock = clock
         self.dispatcher = dispatcher
         self.reporter = reporter
         self.metrics = metrics
@@ -59,7 +68,7 @@ class Fanout:
         self.owner = owner
         self.platforms = platforms
 
-    def _platforms(self, job: NotificationJob) -> list[Platform] | None:
+    def wanted_platforms(self, job: NotificationJob) -> list[Platform] | None:
         wanted = [p for p in (job.platforms or ALL_PLATFORMS) if p in self.platforms]
         return None if len(wanted) == len(ALL_PLATFORMS) else wanted
 
@@ -73,7 +82,7 @@ class Fanout:
         stop: asyncio.Event,
     ) -> End:
         """Send every page of ``(after, until]``; ``shard_no`` None: an inline job."""
-        platforms = self._platforms(job)
+        platforms = self.wanted_platforms(job)
         users = pages(self.pool, job, after=after, until=until, page_size=self.settings.page_size)
         stage = self.metrics.stage_seconds
 
@@ -84,7 +93,14 @@ class Fanout:
             if page is None:
                 return None
             tokens = (
-                await fetch_page_tokens(self.pool, page, job.type, platforms)
+                await fetch_page_tokens(
+                    self.pool,
+                    page,
+                    job.type,
+                    platforms,
+                    cap_since=self.cap_since(job),
+                    job_id=job.job_id,
+                )
                 if platforms != []
                 else []
             )
@@ -100,16 +116,17 @@ class Fanout:
                     return End.DONE
                 if stop.is_set():
                     return End.STOPPED
-                if job.is_expired(datetime.now(UTC)):
+                if job.is_expired(self.clock()):
                     return End.EXPIRED
                 upcoming = asyncio.ensure_future(load(users))  # prefetch the next page
                 page, tokens = loaded
                 started = time.perf_counter()
-                sent = await self._send(job, page, tokens, shard_no)
+                sent, held = await self.send_page(job, tokens, shard_no)
+                sent.counts.users = len(page)
                 sending = time.perf_counter()
                 # Shielded: a page that was sent is reported even if the drain bound
                 # cancels this task meanwhile.
-                owned = await asyncio.shield(self._report(job, shard_no, page[-1], sent))
+                owned = await asyncio.shield(self._report(job, shard_no, page[-1], sent, held))
                 self.metrics.child(stage, "send").observe(sending - started)
                 self.metrics.child(stage, "report").observe(time.perf_counter() - sending)
                 if not owned:
@@ -120,10 +137,25 @@ class Fanout:
                 await asyncio.gather(upcoming, return_exceptions=True)
             await users.aclose()  # type: ignore[attr-defined]
 
-    async def _send(
-        self, job: NotificationJob, page: list[str], tokens: list[PageToken], shard_no: int | None
-    ) -> Sent:
-        decision = decide(job, tokens)
+    def cap_since(self, job: NotificationJob) -> datetime | None:
+        """Start of the frequency cap's window for ``job``; None: no cap applies."""
+        w = self.settings
+        if job.priority != "low" or not w.low_cap:
+            return None
+        return self.clock() - timedelta(seconds=w.low_cap_window_s)
+
+    async def send_page(
+        self,
+        job: NotificationJob,
+        tokens: list[PageToken],
+        shard_no: int | None,
+        *,
+        quiet: bool = True,
+    ) -> tuple[Sent, ledger.Held]:
+        """Policy, then send: what happened to the tokens, and what is left for later
+        (deferrals, the cap's log). ``quiet`` False: a release, quiet hours are over."""
+        now = self.clock()
+        decision = decide(job, tokens, now, cap=self.settings.low_cap, quiet=quiet)
         targeted: dict[str, int] = {}
         for t in tokens:
             targeted[t.platform] = targeted.get(t.platform, 0) + 1
@@ -134,13 +166,24 @@ class Fanout:
             for t in decision.send:
                 by_platform.setdefault(t.platform, []).append((t.id, t.token))
             sent = await self.dispatcher.send(job, by_platform, shard_no=shard_no)
-        sent.counts.users = len(page)
-        sent.counts.targeted = targeted
-        sent.counts.suppressed = decision.suppressed
-        return sent
+        c = sent.counts
+        c.targeted = targeted
+        c.suppressed = decision.suppressed
+        c.capped = decision.capped
+        c.deferred = decision.deferred_tokens
+        # A dry run counts what would wait, and stores nothing to send later.
+        held = ledger.Held(job=job, deferred={} if job.dry_run else decision.deferred, now=now)
+        if job.priority == "low" and self.settings.low_cap and not job.dry_run:
+            held.low_users = sorted({t.user_id for t in decision.send})
+        return sent, held
 
     async def _report(
-        self, job: NotificationJob, shard_no: int | None, cursor: str, sent: Sent
+        self,
+        job: NotificationJob,
+        shard_no: int | None,
+        cursor: str,
+        sent: Sent,
+        held: ledger.Held,
     ) -> bool:
         await self.reporter.publish(sent)
         owned = await ledger.report_page(
@@ -151,6 +194,7 @@ class Fanout:
             cursor if shard_no is not None else None,
             sent.counts,
             sent.delivered_ids,
+            held,
         )
         self.reporter.observe(sent)
         self.metrics.pages.inc()

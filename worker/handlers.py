@@ -98,7 +98,7 @@ class Handlers:
         if row.state in ledger.FINAL_STATES:
             self._count("duplicate")
             return True
-        if job.is_expired(datetime.now(UTC)):
+        if job.is_expired(self.fanout.clock()):
             await ledger.finish(self.pool, job.job_id, "expired")
             self._count("expired")
             return True
@@ -206,7 +206,7 @@ class Handlers:
         job = batch.job
         if await ledger.retry_applied(self.pool, job.job_id, batch.batch_id):
             return True
-        if job.is_expired(datetime.now(UTC)):
+        if job.is_expired(self.fanout.clock()):
             counts = ledger.Counts(expired=len(batch.tokens))
             await ledger.apply_retry(
                 self.pool, job.job_id, batch.batch_id, len(batch.tokens), counts, []

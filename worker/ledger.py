@@ -138,11 +138,27 @@ class Counts:
     suppressed: int = 0
     parked: int = 0
     expired: int = 0
+    deferred: int = 0
+    capped: int = 0
+    released: int = 0
+
+
+@dataclass(slots=True)
+class Held:
+    """What a page leaves behind for later: users deferred by quiet hours (user_id ->
+    (release time, tokens)), and the users a ``low`` job reached (the frequency cap's
+    log), at ``now`` by the worker's clock."""
+
+    job: NotificationJob | None = None  # stored with the first deferral
+    deferred: dict[str, tuple[datetime, int]] = field(default_factory=dict)
+    low_users: list[str] = field(default_factory=list)
+    now: datetime | None = None
 
 
 # One round trip per page: the delivered tokens' usage, the shard's cursor and counts
-# (fenced by owner), and the job's counts. Data-modifying CTEs all run; the job's update
-# is gated on the shard's, so a fenced-off owner changes no count.
+# (fenced by owner), the job's counts, the page's deferrals and low-priority sends.
+# Data-modifying CTEs all run; what moves counts or stores deferrals is gated on the
+# shard's update, so a fenced-off owner changes nothing that counts.
 _REPORT_SQL = """
 WITH used AS (
     UPDATE device_tokens SET last_delivered_at = now()
@@ -154,16 +170,28 @@ WITH used AS (
            users_done = users_done + $5, targeted = targeted + $6 + $7 + $8,
            sent = sent + $9, invalid = invalid + $10, failed = failed + $11,
            suppressed = suppressed + $12, retrying = retrying + $13,
-           expired = expired + $14, updated_at = now()
+           expired = expired + $14, deferred = deferred + $17, capped = capped + $18,
+           updated_at = now()
      WHERE job_id = $1 AND shard_no = $2 AND owner = $3
     RETURNING 1
+), held AS (
+    INSERT INTO deferred_notifications (job_id, user_id, release_at, tokens)
+    SELECT $1, u, r, n FROM unnest($19::text[], $20::timestamptz[], $21::int[]) AS x(u, r, n)
+     WHERE $15 OR EXISTS (SELECT 1 FROM shard)
+    ON CONFLICT DO NOTHING
+), low AS (
+    INSERT INTO low_priority_sends (user_id, job_id, sent_at)
+    SELECT u, $1, $23 FROM unnest($22::text[]) AS u
+     WHERE $15 OR EXISTS (SELECT 1 FROM shard)
+    ON CONFLICT DO NOTHING
 )
 UPDATE jobs
    SET users_done = users_done + $5, targeted = targeted + $6 + $7 + $8,
        targeted_android = targeted_android + $6, targeted_ios = targeted_ios + $7,
        targeted_web = targeted_web + $8, sent = sent + $9, invalid = invalid + $10,
        failed = failed + $11, suppressed = suppressed + $12, retrying = retrying + $13,
-       expired = expired + $14, updated_at = now()
+       expired = expired + $14, deferred = deferred + $17, capped = capped + $18,
+       spec = coalesce(spec, $24::jsonb), updated_at = now()
  WHERE job_id = $1 AND ($15 OR EXISTS (SELECT 1 FROM shard))
 RETURNING 1
 """
@@ -193,11 +221,17 @@ async def report_page(
     cursor: str | None,
     counts: Counts,
     delivered_ids: Sequence[int],
+    held: Held | None = None,
 ) -> bool:
     """Record a page; False if another worker owns the shard now (stop sending it).
 
     ``shard_no`` None is a job sent inline, without shards: only the job's counts move.
+    ``held``: the page's deferrals (stored, with the job the first time) and low-priority
+    sends, recorded in the same statement, each once however often the page is sent.
     """
+    held = held or Held()
+    deferred = held.deferred
+    spec = held.job.model_dump_json() if held.job is not None and deferred else None
     row = await db.fetchrow(
         _REPORT_SQL,
         job_id,
@@ -207,6 +241,14 @@ async def report_page(
         *_count_args(counts),
         shard_no is None,
         list(delivered_ids),
+        counts.deferred,
+        counts.capped,
+        list(deferred),
+        [at for at, _ in deferred.values()],
+        [n for _, n in deferred.values()],
+        held.low_users,
+        held.now,
+        spec,
     )
     return row is not None
 
@@ -282,62 +324,3 @@ async def apply_retry(
         list(delivered_ids),
     )
     return row is not None
-
-
-@dataclass(frozen=True, slots=True)
-class JobStatus:
-    job_id: str
-    type: str
-    state: str
-    dry_run: bool
-    audience_kind: str
-    audience_users: int | None
-    users_done: int
-    shards_total: int | None
-    shards_done: int
-    targeted: int
-    targeted_by_platform: dict[str, int]
-    sent: int
-    invalid: int
-    failed: int
-    suppressed: int
-    deferred: int
-    retrying: int
-    expired: int
-    error: str | None
-    created_at: datetime
-    completed_at: datetime | None
-
-
-async def status(db: asyncpg.Pool | asyncpg.Connection, job_id: str) -> JobStatus | None:
-    """The ledger's view of one job, or None if it was never consumed."""
-    r = await db.fetchrow("SELECT * FROM jobs WHERE job_id = $1", job_id)
-    if r is None:
-        return None
-    return JobStatus(
-        job_id=r["job_id"],
-        type=r["type"],
-        state=r["state"],
-        dry_run=r["dry_run"],
-        audience_kind=r["audience_kind"],
-        audience_users=r["audience_users"],
-        users_done=r["users_done"],
-        shards_total=r["shards_total"],
-        shards_done=r["shards_done"],
-        targeted=r["targeted"],
-        targeted_by_platform={
-            "android": r["targeted_android"],
-            "ios": r["targeted_ios"],
-            "web": r["targeted_web"],
-        },
-        sent=r["sent"],
-        invalid=r["invalid"],
-        failed=r["failed"],
-        suppressed=r["suppressed"],
-        deferred=r["deferred"],
-        retrying=r["retrying"],
-        expired=r["expired"],
-        error=r["error"],
-        created_at=r["created_at"],
-        completed_at=r["completed_at"],
-    )

@@ -9,6 +9,7 @@ within ``drain_timeout_s``, commits, and leaves the group.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import uuid
@@ -24,8 +25,9 @@ from pushfan.metrics import Metrics
 from pushfan.settings import Settings
 from worker.consumer import WorkerConsumer
 from worker.dispatch import Dispatcher
-from worker.fanout import ALL_PLATFORMS, Fanout
+from worker.fanout import ALL_PLATFORMS, Clock, Fanout, utc_now
 from worker.handlers import Handlers
+from worker.release import Releaser
 from worker.report import Reporter
 from worker.retry import RetryPolicy
 from worker.senders.factory import build_senders
@@ -48,8 +50,15 @@ def retry_policy(settings: Settings) -> RetryPolicy:
     )
 
 
-async def run(settings: Settings, stop: asyncio.Event, metrics: Metrics | None = None) -> None:
-    """The worker, until ``stop`` is set."""
+async def run(
+    settings: Settings,
+    stop: asyncio.Event,
+    metrics: Metrics | None = None,
+    *,
+    clock: Clock = utc_now,
+) -> None:
+    """The worker, until ``stop`` is set. ``clock``: now, for the delivery policy (quiet
+    hours, the frequency cap) and job expiry; tests pass one they move."""
     metrics = metrics or Metrics()
     w = settings.worker
     async with AsyncExitStack() as stack:
@@ -78,7 +87,7 @@ async def run(settings: Settings, stop: asyncio.Event, metrics: Metrics | None =
         await start_client(producer, settings.kafka)
         stack.push_async_callback(producer.stop)
         reporter = Reporter(producer, settings.kafka.topics, metrics)
-        fanout = Fanout(pool, dispatcher, reporter, metrics, w, owner=owner_id())
+        fanout = Fanout(pool, dispatcher, reporter, metrics, w, owner=owner_id(), clock=clock)
         handlers = Handlers(settings, fanout, dispatcher, reporter, producer, metrics)
         consumer = WorkerConsumer(
             settings.kafka,
@@ -95,4 +104,12 @@ async def run(settings: Settings, stop: asyncio.Event, metrics: Metrics | None =
         await consumer.start()
         stack.push_async_callback(consumer.close)
         log.info("worker consuming", owner=fanout.owner, group=w.group_id)
-        await consumer.run(stop)
+        releaser = asyncio.create_task(Releaser(fanout, reporter, metrics).run(stop))
+        try:
+            await consumer.run(stop)
+        finally:
+            stop.set()
+            # A round in flight finishes within the drain bound; cancelled past it, its
+            # transaction rolls back and its deferrals wait for the next round.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(releaser, w.drain_timeout_s)

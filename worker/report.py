@@ -50,7 +50,14 @@ class Reporter:
             m.child(m.sends, platform, outcome, reason).inc(n)
         for platform, n in sent.counts.targeted.items():
             m.child(m.targeted, platform).inc(n)
-        if sent.counts.suppressed:
-            m.suppressed.inc(sent.counts.suppressed)
+        c = sent.counts
+        for decision, n in (
+            ("suppressed", c.suppressed),
+            ("deferred", c.deferred),
+            ("capped", c.capped),
+            ("released", c.released),
+        ):
+            if n:
+                m.child(m.policy, decision).inc(n)
         for batch in sent.parked:
             m.child(m.parked, batch.platform).inc(len(batch.tokens))

@@ -1,7 +1,8 @@
 """Fetch stage: one page of user_ids in, their active tokens and delivery policy out.
 
-One round trip per page, whatever the page holds: the user's per-type opt-out and quiet
-hours ride along on each token row through LEFT JOINs, so the policy stage never queries
+One round trip per page, whatever the page holds: the user's per-type opt-out, quiet
+hours and recent low-priority sends (the frequency cap) ride along on each token row
+through LEFT JOINs, so the policy stage never queries
 per user. The query reads ``device_tokens_active_user_idx`` (partial on ``is_active``,
 ``user_id`` leading, platform/id/token included).
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import time
+from datetime import datetime, time
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from schemas import Platform
 
@@ -27,7 +29,8 @@ SELECT t.id,
        coalesce(np.push_enabled, true) AS push_enabled,
        up.time_zone,
        up.quiet_start,
-       up.quiet_end
+       up.quiet_end,
+       coalesce(ls.recent, 0) AS recent_low
   FROM device_tokens t
   LEFT JOIN (SELECT user_id, push_enabled
                FROM notification_preferences
@@ -37,6 +40,12 @@ SELECT t.id,
                FROM user_preferences
               WHERE user_id = ANY($1::text[])) up
          ON up.user_id = t.user_id
+  LEFT JOIN (SELECT user_id, count(*) AS recent
+               FROM low_priority_sends
+              WHERE $4::timestamptz IS NOT NULL
+                AND user_id = ANY($1::text[]) AND sent_at > $4 AND job_id <> $5
+              GROUP BY user_id) ls
+         ON ls.user_id = t.user_id
  WHERE t.user_id = ANY($1::text[])
    AND t.is_active
    AND ($3::text[] IS NULL OR t.platform = ANY($3::text[]))
@@ -55,22 +64,31 @@ class PageToken:
     time_zone: str | None
     quiet_start: time | None
     quiet_end: time | None
+    recent_low: int  # low-priority notifications of other jobs in the cap's window
 
     def __repr__(self) -> str:  # never a raw token where a person may read it
         return f"PageToken(id={self.id}, user_id={self.user_id!r}, platform={self.platform!r})"
 
 
 async def fetch_page_tokens(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    conn: asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy,
     user_ids: Sequence[str],
     notification_type: str,
     platforms: Sequence[Platform] | None = None,
+    *,
+    cap_since: datetime | None = None,
+    job_id: str = "",
 ) -> list[PageToken]:
-    """The active tokens of ``user_ids`` (optionally of ``platforms`` only), in one query."""
+    """The active tokens of ``user_ids`` (optionally of ``platforms`` only), in one query.
+
+    With ``cap_since``, each row carries the user's low-priority sends since then by jobs
+    other than ``job_id`` (the frequency cap's count); without it, 0 and no lookup."""
     rows = await conn.fetch(
         PAGE_TOKENS_SQL,
         list(user_ids),
         notification_type,
         None if platforms is None else list(platforms),
+        cap_since,
+        job_id,
     )
     return [PageToken(*row) for row in rows]
