@@ -231,6 +231,12 @@ def main() -> None:
         " 10,000 users with the default pages and shards, or one worker of two idles)",
     )
     parser.add_argument(
+        "--policy-users",
+        type=int,
+        default=20_000,
+        help="fanout: users in the delivery policy's cost phase (at most --users; 0: skip it)",
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
         choices=STAGES,
@@ -262,7 +268,15 @@ def main() -> None:
                 if args.latency_ms > 0
                 else None
             )
-            bench_fanout(stack, settings, args.users, args.sends, big=args.big, latency=latency)
+            bench_fanout(
+                stack,
+                settings,
+                args.users,
+                args.sends,
+                big=args.big,
+                latency=latency,
+                policy_users=args.policy_users,
+            )
     finally:
         stack.close()
     if "senders" in args.only:

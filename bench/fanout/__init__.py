@@ -41,7 +41,12 @@ rest: no placement gives them a core each on two cores.
    target of 1.7x, both rates, the workers' cores and each cpu's busy share, which must
    stay well under 100% for the ratio to speak of the workers rather than the machine.
    The emulators are reset afterwards.
-5. With ``--big``: one worker, 1,000,000 users (a database of its own), for peak RSS.
+5. **The delivery policy's cost** (``--policy-users``, default 20,000; 0 skips it): one
+   worker, four broadcasts to the first users, alternately without preferences and with
+   quiet hours for 30% of them, in several zones, which they are all outside of now
+   (``bench/fanout/policy.py``): every token is still sent, so the rate lost is what
+   the policy costs, against issue #6's target of under 10%.
+6. With ``--big``: one worker, 1,000,000 users (a database of its own), for peak RSS.
 
 Before each broadcast ``last_delivered_at`` is cleared and the table vacuumed, so every
 broadcast writes the same rows (the report stage marks tokens delivered at most once a
@@ -62,6 +67,7 @@ from pathlib import Path
 from bench.cpu import find_postmaster, pin_tree
 from bench.fanout.cpus import Placement, pin_threads, placement, tansu_pid
 from bench.fanout.phases import LatencyBound, big_broadcast, broadcasts, latency_bound
+from bench.fanout.policy import policy_cost
 from bench.senders import EmulatorProcess, start_emulator_process
 from pushfan.db import migrate
 from pushfan.settings import Settings
@@ -80,10 +86,13 @@ async def _bench(
     where: Placement,
     logdir: Path,
     latency: LatencyBound | None,
+    policy_users: int,
 ) -> None:
     one, base = await broadcasts(settings, url, em, users, sends, where, logdir)
     if latency is not None:
         await latency_bound(settings, url, em, latency, where, logdir)
+    if policy_users:
+        await policy_cost(settings, url, em, policy_users, where, logdir)
     if big_url is not None:
         await big_broadcast(settings, big_url, em, where, logdir, one, base)
 
@@ -96,11 +105,15 @@ def run(
     *,
     big: bool = False,
     latency: LatencyBound | None = None,
+    policy_users: int = 0,
 ) -> None:
     """The fanout benchmark on ``stack``'s broker, in fresh databases on its server;
-    with ``latency``, the latency-bound comparison too (its users at most ``users``)."""
+    with ``latency``, the latency-bound comparison too (its users at most ``users``);
+    with ``policy_users``, the delivery policy's cost on that many users (at most
+    ``users``)."""
     if latency is not None:
         latency = replace(latency, users=min(latency.users, users))
+    policy_users = min(policy_users, users)
     url = stack.database.create_sibling("pushfan_bench_fanout")
     big_url = stack.database.create_sibling("pushfan_bench_big") if big else None
     asyncio.run(migrate(url))
@@ -124,7 +137,9 @@ def run(
             if broker is not None:
                 pin_threads(broker, {where.rest})
             os.sched_setaffinity(0, {where.rest})
-        asyncio.run(_bench(settings, url, big_url, em, users, sends, where, logdir, latency))
+        asyncio.run(
+            _bench(settings, url, big_url, em, users, sends, where, logdir, latency, policy_users)
+        )
     finally:
         os.sched_setaffinity(0, everywhere)
         if postmaster is not None:

@@ -24,7 +24,7 @@ from bench.senders import EmulatorProcess
 from pushfan.emulators.runner import DEFAULT_APNS_TOPIC, point_at
 from pushfan.kafka import ensure_topics, make_producer, start_client
 from pushfan.settings import Settings, TopicSettings
-from worker import ledger
+from worker import status as job_status
 
 
 def phase_settings(
@@ -87,7 +87,7 @@ class Broadcast:
     exit_codes: list[int | None] = field(default_factory=list)
 
     @property
-    def status(self) -> ledger.JobStatus:
+    def status(self) -> job_status.JobStatus:
         return self.progress.status
 
     @property

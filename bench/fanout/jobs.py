@@ -21,6 +21,7 @@ from bench.fanout.workers import WorkerProcess
 from pushfan.settings import Settings
 from schemas import NotificationJob
 from worker import ledger
+from worker import status as job_status
 
 
 def news_job(audience: dict[str, Any], job_id: str) -> NotificationJob:
@@ -102,7 +103,7 @@ async def warm_up(
 
 @dataclass
 class Progress:
-    status: ledger.JobStatus  # final
+    status: job_status.JobStatus  # final
     seconds: float  # from the publish to the ledger's final state
     split_s: float | None  # to the split into shards
     marks: dict[int, float]  # percent of the users reported -> seconds
@@ -120,7 +121,7 @@ async def watch(
     marks: dict[int, float] = {}
     deadline = time.monotonic() + max(600.0, users / 250)
     while True:
-        status = await ledger.status(conn, job_id)
+        status = await job_status.status(conn, job_id)
         now = time.perf_counter()
         if status is not None:
             if split_s is None and status.shards_total is not None:
