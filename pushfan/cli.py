@@ -112,9 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Consume the jobs, shards and retry topics in the group"
         " PUSHFAN_WORKER__GROUP_ID: resolve each job's audience page by page, send through FCM"
         " and APNs, report invalid tokens and parked retries, record progress in the job"
-        " ledger, then commit. Run several for more throughput: big audiences are split into"
-        " shards that every worker of the group takes a share of. SIGTERM stops between"
-        " pages. Metrics on PUSHFAN_WORKER__METRICS_PORT. Run `pushfan migrate` first.",
+        " ledger, then commit. Users' preferences apply: opted-out types are suppressed,"
+        " users inside quiet hours are deferred and released by the scheduler every worker"
+        " runs (PUSHFAN_WORKER__RELEASE_INTERVAL_S), low-priority jobs obey"
+        " PUSHFAN_WORKER__LOW_CAP; urgent jobs bypass all of it. Run several for more"
+        " throughput: big audiences are split into shards that every worker of the group"
+        " takes a share of. SIGTERM stops between pages. Metrics on"
+        " PUSHFAN_WORKER__METRICS_PORT. Run `pushfan migrate` first.",
     )
     p.set_defaults(run=_cmd_worker)
 
@@ -122,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="show a job's progress and counts from the job ledger",
         description="Print a job's state, a progress bar while a broadcast runs, and its"
-        " counts (targeted per platform, sent, invalid, failed, suppressed, deferred,"
-        " retrying, expired). Exit status 1 if the ledger has no such job.",
+        " counts (targeted per platform, sent, invalid, failed, suppressed, capped,"
+        " retrying, expired; deferred by quiet hours, released, users still waiting). Exit"
+        " status 1 if the ledger has no such job.",
     )
     p.add_argument("job_id", metavar="JOB_ID", help="the job's job_id")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
