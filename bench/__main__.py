@@ -233,7 +233,7 @@ def main() -> None:
     parser.add_argument(
         "--policy-users",
         type=int,
-        default=20_000,
+        default=60_000,
         help="fanout: users in the delivery policy's cost phase (at most --users; 0: skip it)",
     )
     parser.add_argument(

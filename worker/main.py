@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import socket
 import uuid
@@ -34,6 +35,8 @@ from worker.senders.factory import build_senders
 
 log = get_logger("pushfan.worker")
 
+GC_GEN0_THRESHOLD = 10_000  # CPython's default is 700 allocations
+
 
 def owner_id() -> str:
     """This process's name in the ledger's shard fencing: unique per start."""
@@ -48,6 +51,17 @@ def retry_policy(settings: Settings) -> RetryPolicy:
         base_delay_s=r.base_delay_s,
         max_delay_s=r.max_delay_s,
     )
+
+
+def settle_gc() -> None:
+    """Keep what start-up built (modules, SDKs, clients: most of the heap) out of the
+    cyclic collector's full passes, and let it run less often. Sending allocates a few
+    objects per token; with the defaults the collector took ~30% of the worker's CPU
+    (measured: 4.3 s of 14.6 in one broadcast of 200,000 tokens, 31 full passes)."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 async def run(
@@ -103,6 +117,7 @@ async def run(
         )
         await consumer.start()
         stack.push_async_callback(consumer.close)
+        settle_gc()
         log.info("worker consuming", owner=fanout.owner, group=w.group_id)
         releaser = asyncio.create_task(Releaser(fanout, reporter, metrics).run(stop))
         try:

@@ -41,7 +41,7 @@ rest: no placement gives them a core each on two cores.
    target of 1.7x, both rates, the workers' cores and each cpu's busy share, which must
    stay well under 100% for the ratio to speak of the workers rather than the machine.
    The emulators are reset afterwards.
-5. **The delivery policy's cost** (``--policy-users``, default 20,000; 0 skips it): one
+5. **The delivery policy's cost** (``--policy-users``, default 60,000; 0 skips it): one
    worker, four broadcasts to the first users, alternately without preferences and with
    quiet hours for 30% of them, in several zones, which they are all outside of now
    (``bench/fanout/policy.py``): every token is still sent, so the rate lost is what

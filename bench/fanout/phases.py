@@ -18,6 +18,7 @@ from bench.fanout.report import print_senders, report
 from bench.fanout.seed import seed, subsegment
 from bench.senders import EmulatorProcess
 from pushfan.settings import Settings
+from worker.main import settle_gc
 
 BIG_USERS = 1_000_000
 RSS_TARGET_MB = 200
@@ -65,6 +66,9 @@ async def broadcasts(
             f" {settings.kafka.topic_partitions} partitions; {where.describe()}"
         )
         n_fcm = round(2 * sends * mix["android"] / tokens)
+        # The senders' rate with the collector set as a worker sets it, so the ratio
+        # compares the pipeline, not two garbage-collector settings.
+        settle_gc()
         alone = [
             await lean_rate(em, sends, 0, where.worker),
             await lean_rate(em, 0, sends, where.worker),
