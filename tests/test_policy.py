@@ -8,7 +8,6 @@ night in New York happens in seconds.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, time, timedelta
 
@@ -31,6 +30,7 @@ from tests.worker_harness import (
     own_topics,
     publish,
     running_worker,
+    tag,
     wait_for_job,
     with_worker,
 )
@@ -57,10 +57,6 @@ async def wsettings(
     out = await own_topics(emulators.apply(settings))
     yield with_worker(out, release_interval_s=0.1)
     await db.execute("DELETE FROM deferred_notifications")
-
-
-def tag() -> str:
-    return uuid.uuid4().hex[:8]
 
 
 async def quiet_hours(db: asyncpg.Pool, user: str, zone: str, window: tuple[time, time]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -29,6 +28,7 @@ from tests.worker_harness import (
     publish,
     read_topic,
     running_worker,
+    tag,
     until_none_active,
     wait_for_job,
     with_worker,
@@ -46,10 +46,6 @@ def fresh_scripts(emulators: Emulators) -> None:
 async def wsettings(settings: Settings, migrated: str, emulators: Emulators) -> Settings:
     """Settings for one test's workers: its own topics and group, the emulators."""
     return await own_topics(emulators.apply(settings))
-
-
-def tag() -> str:
-    return uuid.uuid4().hex[:8]
 
 
 async def test_order_shipped_reaches_exactly_the_users_active_devices(

@@ -28,6 +28,11 @@ from worker.fanout import Clock, utc_now
 from worker.main import run
 
 
+def tag() -> str:
+    """A short unique name for one test's users, tokens and segments."""
+    return uuid.uuid4().hex[:8]
+
+
 def fcm_token(tag: str, i: int) -> str:
     return f"{tag}{i:09d}:APA91b{'x' * 120}"
 
