@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from producer import cli as publish_cli
 from pushfan import __version__
 from pushfan.emulators.credentials import DEFAULT_STATE_DIR
 from pushfan.errors import SetupError
@@ -24,7 +25,6 @@ from pushfan.settings import Settings, env_names, load_settings
 
 # Subcommands that later work fills; each names the issue that brings it.
 PLANNED: dict[str, tuple[str, int]] = {
-    "publish": ("publish a notification job", 7),
     "bridge": ("turn business events (orders shipped) into notification jobs", 7),
 }
 
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="print again every SECONDS until the job is finished",
     )
     p.set_defaults(run=_cmd_status)
+
+    publish_cli.add_parser(sub)
 
     for name, (summary, issue) in PLANNED.items():
         p = sub.add_parser(name, help=f"{summary} (not implemented yet: issue #{issue})")

@@ -46,6 +46,7 @@ def test_help_lists_every_subcommand(service_env: dict[str, str]) -> None:
         "hygiene",
         "worker",
         "status",
+        "publish",
         *PLANNED,
     }
 
