@@ -155,15 +155,37 @@ class Held:
     now: datetime | None = None
 
 
+def mark_delivered(ids: str, gate: str = "true") -> str:
+    """A CTE body: the tokens whose ids are the ``bigint[]`` parameter ``ids`` had a
+    notification accepted, where ``gate`` holds. Written at most once a day per token,
+    so a broadcast does not rewrite every row."""
+    return (
+        "UPDATE device_tokens SET last_delivered_at = now()"
+        f" WHERE id = ANY({ids}::bigint[]) AND {gate}"
+        " AND (last_delivered_at IS NULL OR last_delivered_at < now() - interval '1 day')"
+    )
+
+
+def log_low_sends(users: str, at: str, gate: str = "true") -> str:
+    """A CTE body: job ``$1`` sent a low-priority notification at ``at`` to each user of
+    the ``text[]`` parameter ``users`` (the frequency cap's log), once per user and job,
+    where ``gate`` holds."""
+    return (
+        "INSERT INTO low_priority_sends (user_id, job_id, sent_at)"
+        f" SELECT u, $1, {at} FROM unnest({users}::text[]) AS u WHERE {gate}"
+        " ON CONFLICT DO NOTHING"
+    )
+
+
+_OWNED = "($15 OR EXISTS (SELECT 1 FROM shard))"
+
 # One round trip per page: the delivered tokens' usage, the shard's cursor and counts
 # (fenced by owner), the job's counts, the page's deferrals and low-priority sends.
 # Data-modifying CTEs all run; what moves counts or stores deferrals is gated on the
 # shard's update, so a fenced-off owner changes nothing that counts.
-_REPORT_SQL = """
+_REPORT_SQL = f"""
 WITH used AS (
-    UPDATE device_tokens SET last_delivered_at = now()
-     WHERE id = ANY($16::bigint[])
-       AND (last_delivered_at IS NULL OR last_delivered_at < now() - interval '1 day')
+    {mark_delivered("$16")}
 ), shard AS (
     UPDATE job_shards
        SET cursor = coalesce($4, cursor), pages_done = pages_done + 1,
@@ -177,13 +199,10 @@ WITH used AS (
 ), held AS (
     INSERT INTO deferred_notifications (job_id, user_id, release_at, tokens)
     SELECT $1, u, r, n FROM unnest($19::text[], $20::timestamptz[], $21::int[]) AS x(u, r, n)
-     WHERE $15 OR EXISTS (SELECT 1 FROM shard)
+     WHERE {_OWNED}
     ON CONFLICT DO NOTHING
 ), low AS (
-    INSERT INTO low_priority_sends (user_id, job_id, sent_at)
-    SELECT u, $1, $23 FROM unnest($22::text[]) AS u
-     WHERE $15 OR EXISTS (SELECT 1 FROM shard)
-    ON CONFLICT DO NOTHING
+    {log_low_sends("$22", "$23", _OWNED)}
 )
 UPDATE jobs
    SET users_done = users_done + $5, targeted = targeted + $6 + $7 + $8,
@@ -192,7 +211,7 @@ UPDATE jobs
        failed = failed + $11, suppressed = suppressed + $12, retrying = retrying + $13,
        expired = expired + $14, deferred = deferred + $17, capped = capped + $18,
        spec = coalesce(spec, $24::jsonb), updated_at = now()
- WHERE job_id = $1 AND ($15 OR EXISTS (SELECT 1 FROM shard))
+ WHERE job_id = $1 AND {_OWNED}
 RETURNING 1
 """
 
@@ -231,7 +250,7 @@ async def report_page(
     """
     held = held or Held()
     deferred = held.deferred
-    spec = held.job.model_dump_json() if held.job is not None and deferred else None
+    spec = held.job.to_bytes().decode() if held.job is not None and deferred else None
     row = await db.fetchrow(
         _REPORT_SQL,
         job_id,
@@ -275,15 +294,13 @@ async def complete_shard(db: asyncpg.Pool, job_id: str, shard_no: int, owner: st
     return await db.fetchval(_COMPLETE_SHARD_SQL, job_id, shard_no, owner)  # type: ignore[no-any-return]
 
 
-_APPLY_RETRY_SQL = """
+_APPLY_RETRY_SQL = f"""
 WITH batch AS (
     INSERT INTO job_retry_batches (job_id, batch_id) VALUES ($1, $2)
     ON CONFLICT DO NOTHING
     RETURNING 1
 ), used AS (
-    UPDATE device_tokens SET last_delivered_at = now()
-     WHERE id = ANY($9::bigint[]) AND EXISTS (SELECT 1 FROM batch)
-       AND (last_delivered_at IS NULL OR last_delivered_at < now() - interval '1 day')
+    {mark_delivered("$9", "EXISTS (SELECT 1 FROM batch)")}
 )
 UPDATE jobs
    SET sent = sent + $3, invalid = invalid + $4, failed = failed + $5,

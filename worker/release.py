@@ -30,7 +30,7 @@ from pushfan.metrics import Metrics
 from schemas import NotificationJob, decode_job
 from worker.consumer import INFRA_ERRORS
 from worker.fanout import Fanout
-from worker.ledger import Counts, Held
+from worker.ledger import Counts, Held, log_low_sends, mark_delivered
 from worker.report import Reporter
 from worker.tokens import fetch_page_tokens
 
@@ -47,17 +47,13 @@ SELECT job_id, user_id, tokens
 
 # The claimed rows go, the job's counts move, in one statement of the claiming
 # transaction. Tokens were counted as targeted (and deferred) when their page was sent.
-_RELEASED_SQL = """
+_RELEASED_SQL = f"""
 WITH gone AS (
     DELETE FROM deferred_notifications WHERE job_id = $1 AND user_id = ANY($2::text[])
 ), used AS (
-    UPDATE device_tokens SET last_delivered_at = now()
-     WHERE id = ANY($3::bigint[])
-       AND (last_delivered_at IS NULL OR last_delivered_at < now() - interval '1 day')
+    {mark_delivered("$3")}
 ), low AS (
-    INSERT INTO low_priority_sends (user_id, job_id, sent_at)
-    SELECT u, $1, $13 FROM unnest($12::text[]) AS u
-    ON CONFLICT DO NOTHING
+    {log_low_sends("$12", "$13")}
 )
 UPDATE jobs
    SET released = released + $4, sent = sent + $5, invalid = invalid + $6,
