@@ -9,18 +9,19 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-from aiokafka import ConsumerRecord
 
 from producer import InvalidJob, JobProducer, SyncJobProducer, build_job
 from pushfan.emulators.runner import Emulators
-from pushfan.kafka import assign_all, make_consumer, make_producer, start_client
+from pushfan.kafka import make_producer, start_client
 from pushfan.settings import Settings
 from schemas import decode_job
 from tests.worker_harness import (
+    Record,
     add_tokens,
     deliveries,
     fcm_token,
     own_topics,
+    read_records,
     running_worker,
     tag,
     wait_for_job,
@@ -33,20 +34,9 @@ async def psettings(settings: Settings) -> Settings:
     return await own_topics(settings)
 
 
-async def records(settings: Settings, count: int) -> list[ConsumerRecord[bytes, bytes]]:
+async def records(settings: Settings, count: int) -> list[Record]:
     """The first ``count`` records of the jobs topic, all partitions."""
-    consumer = make_consumer(settings.kafka, group_id=None)
-    await start_client(consumer, settings.kafka)
-    out: list[ConsumerRecord[bytes, bytes]] = []
-    try:
-        await assign_all(consumer, settings.kafka.topics.jobs)
-        async with asyncio.timeout(30):
-            while len(out) < count:
-                polled = await consumer.getmany(timeout_ms=200)
-                out.extend(r for batch in polled.values() for r in batch)
-    finally:
-        await consumer.stop()
-    return out
+    return await read_records(settings, settings.kafka.topics.jobs, count)
 
 
 async def test_a_job_arrives_whole_keyed_by_its_user_and_a_broadcast_by_its_id(

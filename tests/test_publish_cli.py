@@ -7,17 +7,12 @@ import json
 import subprocess
 import sys
 from datetime import UTC, datetime
-from typing import TypeAlias
 
 import pytest
-from aiokafka import ConsumerRecord
 
-from pushfan.kafka import assign_all, make_consumer, start_client
 from pushfan.settings import Settings, subprocess_env
 from schemas import decode_job
-from tests.worker_harness import own_topics
-
-Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
+from tests.worker_harness import Record, own_topics, read_records
 
 
 @pytest.fixture
@@ -39,20 +34,7 @@ def publish(settings: Settings, *args: str, stdin: str = "") -> subprocess.Compl
 
 async def on_topic(settings: Settings) -> list[Record]:
     """Everything on the jobs topic now."""
-    consumer = make_consumer(settings.kafka, group_id=None)
-    await start_client(consumer, settings.kafka)
-    try:
-        await assign_all(consumer, settings.kafka.topics.jobs)
-        ends = await consumer.end_offsets(list(consumer.assignment()))
-        want = sum(ends.values())
-        out: list[Record] = []
-        async with asyncio.timeout(30):
-            while len(out) < want:
-                polled = await consumer.getmany(timeout_ms=200)
-                out.extend(r for batch in polled.values() for r in batch)
-        return out
-    finally:
-        await consumer.stop()
+    return await read_records(settings, settings.kafka.topics.jobs)
 
 
 async def test_publish_to_a_user_with_data(psettings: Settings) -> None:

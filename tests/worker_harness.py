@@ -13,9 +13,10 @@ import inspect
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
+from aiokafka import ConsumerRecord
 
 from pushfan.emulators.runner import Emulators
 from pushfan.kafka import assign_all, ensure_topics, make_consumer, make_producer, start_client
@@ -26,6 +27,8 @@ from worker import ledger
 from worker import status as job_status
 from worker.fanout import Clock, utc_now
 from worker.main import run
+
+Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 
 
 def tag() -> str:
@@ -157,20 +160,30 @@ def deliveries(emulators: Emulators) -> dict[str, int]:
     return {**emulators.fcm.script.delivered, **emulators.apns.script.delivered}
 
 
-async def read_topic(settings: Settings, topic: str, count: int, within: float = 30) -> list[bytes]:
-    """The first ``count`` values of ``topic`` (all partitions), read without a group."""
+async def read_records(
+    settings: Settings, topic: str, count: int | None = None, within: float = 30
+) -> list[Record]:
+    """The first ``count`` records of ``topic`` (all partitions), read without a group;
+    ``count`` None: every record the topic holds now."""
     consumer = make_consumer(settings.kafka, group_id=None)
     await start_client(consumer, settings.kafka)
-    out: list[bytes] = []
+    out: list[Record] = []
     try:
         await assign_all(consumer, topic)
+        if count is None:
+            count = sum((await consumer.end_offsets(list(consumer.assignment()))).values())
         async with asyncio.timeout(within):
             while len(out) < count:
                 polled = await consumer.getmany(timeout_ms=200)
-                out.extend(r.value for records in polled.values() for r in records if r.value)
+                out.extend(r for records in polled.values() for r in records)
     finally:
         await consumer.stop()
     return out
+
+
+async def read_topic(settings: Settings, topic: str, count: int, within: float = 30) -> list[bytes]:
+    """The first ``count`` values of ``topic`` (all partitions), read without a group."""
+    return [r.value or b"" for r in await read_records(settings, topic, count, within)]
 
 
 async def until_none_active(db: asyncpg.Pool, tokens: Iterable[str], *, within: float = 30) -> None:
