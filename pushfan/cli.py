@@ -326,13 +326,12 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
     from pushfan.db import create_pool
     from worker import ledger
-    from worker import status as job_status
-    from worker.status import as_json, render
+    from worker.status import JobStatus, as_json, render, status
 
-    async def fetch() -> job_status.JobStatus | None:
+    async def fetch() -> JobStatus | None:
         pool = await create_pool(settings.database.model_copy(update={"min_pool_size": 1}))
         try:
-            return await job_status.status(pool, args.job_id)
+            return await status(pool, args.job_id)
         finally:
             await pool.close()
 
