@@ -92,11 +92,11 @@ class Metrics:
         )
         self.policy = Counter(
             f"{PREFIX}_worker_policy_tokens",
-            "Tokens the delivery policy held back or let go, by decision: suppressed"
-            " (type turned off), deferred (quiet hours), released (sent once quiet hours"
-            " ended), capped (low-priority frequency cap), expired (deferred past the"
-            " job's expiry, not sent).",
-            ["decision"],
+            "Tokens the delivery policy held back or let go, by platform and decision:"
+            " suppressed (type turned off), deferred (quiet hours), released (sent once"
+            " quiet hours ended), capped (low-priority frequency cap), expired (deferred"
+            " past the job's expiry, not sent; platform unknown).",
+            ["platform", "decision"],
             registry=r,
         )
         self.parked = Counter(

@@ -136,10 +136,20 @@ async def test_tokyo_waits_for_its_morning_while_new_york_gets_it_at_once(
     assert isinstance(after, job_status.JobStatus)
     assert (after.sent, after.deferred, after.released, after.suppressed) == (3, 2, 2, 1)
     policy = {
-        d: metrics.registry.get_sample_value("pushfan_worker_policy_tokens_total", {"decision": d})
+        (p, d): metrics.registry.get_sample_value(
+            "pushfan_worker_policy_tokens_total", {"platform": p, "decision": d}
+        )
+        for p in ("android", "ios")
         for d in ("suppressed", "deferred", "released")
     }
-    assert policy == {"suppressed": 1, "deferred": 2, "released": 2}
+    assert policy == {
+        ("android", "suppressed"): 1,
+        ("android", "deferred"): 1,
+        ("android", "released"): 1,
+        ("ios", "suppressed"): None,
+        ("ios", "deferred"): 1,
+        ("ios", "released"): 1,
+    }
 
 
 async def test_urgent_bypasses_quiet_hours_and_opt_outs(
@@ -201,8 +211,9 @@ async def test_a_deferral_whose_job_expires_first_is_not_sent(
     await quiet_hours(db, user, "Asia/Tokyo", NIGHT)
     clock = FakeClock(EVENING_IN_TOKYO)
     job = news(clock, {"kind": "user", "user_id": user}, expires_at=clock() + timedelta(hours=2))
+    metrics = Metrics()
 
-    async with running_worker(wsettings, clock=clock):
+    async with running_worker(wsettings, metrics, clock):
         await publish(wsettings, job)
         done = await wait_for_job(db, job.job_id)
         assert (done.deferred, done.waiting) == (2, 1)
@@ -212,6 +223,8 @@ async def test_a_deferral_whose_job_expires_first_is_not_sent(
     assert deliveries(emulators) == {}
     assert isinstance(after, job_status.JobStatus)
     assert (after.sent, after.released, after.expired) == (0, 0, 2)
+    expired = {"platform": "unknown", "decision": "expired"}
+    assert metrics.registry.get_sample_value("pushfan_worker_policy_tokens_total", expired) == 2
 
 
 async def test_two_workers_release_each_deferred_notification_once(
@@ -244,7 +257,9 @@ async def test_two_workers_release_each_deferred_notification_once(
     assert isinstance(after, job_status.JobStatus)
     assert (after.sent, after.released) == (400, 400)
     by_worker = [
-        m.registry.get_sample_value("pushfan_worker_policy_tokens_total", {"decision": "released"})
+        m.registry.get_sample_value(
+            "pushfan_worker_policy_tokens_total", {"platform": "android", "decision": "released"}
+        )
         or 0
         for m in (one, two)
     ]

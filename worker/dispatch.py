@@ -49,6 +49,8 @@ class Sent:
     parked: list[RetryBatch] = field(default_factory=list)
     # (platform, outcome, reason) -> tokens; aggregated so metrics cost a call per key
     outcomes: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    # (platform, decision) -> tokens the delivery policy held back or released
+    policy: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 class Dispatcher:

@@ -171,6 +171,7 @@ class Fanout:
         c.suppressed = decision.suppressed
         c.capped = decision.capped
         c.deferred = decision.deferred_tokens
+        sent.policy.update(decision.held)
         # A dry run counts what would wait, and stores nothing to send later.
         held = ledger.Held(job=job, deferred={} if job.dry_run else decision.deferred, now=now)
         if job.priority == "low" and self.settings.low_cap and not job.dry_run:

@@ -17,6 +17,7 @@ them, with one quiet-hours computation per distinct (zone, window) of the page.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, time
@@ -33,6 +34,8 @@ class Decision:
     capped: int = 0
     # user_id -> (when quiet hours end, tokens held back)
     deferred: dict[str, tuple[datetime, int]] = field(default_factory=dict)
+    # (platform, decision) -> tokens held back, for the per-platform metric
+    held: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @property
     def deferred_tokens(self) -> int:
@@ -57,6 +60,7 @@ def decide(
     for t in tokens:
         if not t.push_enabled:
             decision.suppressed += 1
+            decision.held[t.platform, "suppressed"] += 1
             continue
         if quiet and t.quiet_start is not None and t.quiet_end is not None:
             key = (t.time_zone or "UTC", t.quiet_start, t.quiet_end)
@@ -66,9 +70,11 @@ def decide(
             if until is not None:
                 _, held = decision.deferred.get(t.user_id, (until, 0))
                 decision.deferred[t.user_id] = (until, held + 1)
+                decision.held[t.platform, "deferred"] += 1
                 continue
         if capping and t.recent_low >= cap:
             decision.capped += 1
+            decision.held[t.platform, "capped"] += 1
             continue
         decision.send.append(t)
     return decision

@@ -114,7 +114,9 @@ class Releaser:
             counts = Counts(expired=held_tokens) if job else Counts(failed=held_tokens)
             await self._record(conn, job_id, users, counts, [], Held())
             if counts.expired:
-                self.metrics.child(self.metrics.policy, "expired").inc(counts.expired)
+                # The rows hold a count, not the tokens: which platforms is not known.
+                m = self.metrics
+                m.child(m.policy, "unknown", "expired").inc(counts.expired)
             return
         tokens = await fetch_page_tokens(
             conn,
@@ -126,6 +128,8 @@ class Releaser:
         )
         sent, held = await self.fanout.send_page(job, tokens, None, quiet=False)
         sent.counts.released = len(tokens)
+        for platform, n in sent.counts.targeted.items():
+            sent.policy[platform, "released"] += n
         await self.reporter.publish(sent)
         await self._record(conn, job_id, users, sent.counts, sent.delivered_ids, held)
         self.reporter.observe(sent)

@@ -50,14 +50,7 @@ class Reporter:
             m.child(m.sends, platform, outcome, reason).inc(n)
         for platform, n in sent.counts.targeted.items():
             m.child(m.targeted, platform).inc(n)
-        c = sent.counts
-        for decision, n in (
-            ("suppressed", c.suppressed),
-            ("deferred", c.deferred),
-            ("capped", c.capped),
-            ("released", c.released),
-        ):
-            if n:
-                m.child(m.policy, decision).inc(n)
+        for (platform, decision), n in sent.policy.items():
+            m.child(m.policy, platform, decision).inc(n)
         for batch in sent.parked:
             m.child(m.parked, batch.platform).inc(len(batch.tokens))
