@@ -58,6 +58,24 @@ _STATUS = {
 }
 
 
+_DESCRIPTION = (
+    "Apps register their push tokens here and log them out; app backends may do so for"
+    " their users with a service token. Tokens appear in no URL or response (only their"
+    ' fingerprints). Every bad request is a 4xx with {"error": {"code", "message",'
+    ' "details"?}}, where details names each field. Every call is safe to repeat, so a'
+    " 503 is retried."
+)
+_BEARER = (
+    "A JWT in `Authorization: Bearer <JWT>`: HS256 (the registry's shared secret) or"
+    " RS256 (the issuer's public key), as the registry is configured"
+    " (PUSHFAN_REGISTRY__JWT_*). `iss`, `aud`, `exp` and `sub` are required; `iss` and"
+    " `aud` must be the configured ones (by default `pushfan` and `pushfan-registry`)."
+    " The caller is the token's `sub` and acts for itself. A token whose `scope`"
+    " (space-separated) holds the service scope (PUSHFAN_REGISTRY__SERVICE_SCOPE, by"
+    " default `devices:admin`) may act for any user, named with `?user_id=`."
+)
+
+
 def _json(ref: str) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": {"$ref": ref}}}}
 
@@ -155,11 +173,20 @@ def openapi_document() -> dict[str, Any]:
     ref = "#/components/schemas/"
     return {
         "openapi": "3.1.0",
-        "info": {"title": "pushfan token registry", "version": "1"},
+        "info": {
+            "title": "pushfan token registry",
+            "version": "1",
+            "description": _DESCRIPTION,
+        },
         "components": {
             "schemas": components,
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": _BEARER,
+                }
             },
         },
         "paths": {
