@@ -9,7 +9,8 @@ Routes (``openapi.py`` documents them):
   ``DELETE /v1/devices/{device_id}`` and ``POST /v1/devices/unregister`` log out;
 - ``GET``/``PUT /v1/preferences``;
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (the database answers),
-  ``GET /metrics``, ``GET /openapi.json``.
+  ``GET /metrics``, ``GET /openapi.json`` and ``GET /docs`` (the same as an HTML page for
+  people, ``docs.py``), all five without authentication.
 
 Every bad request is a 4xx with ``{"error": {"code", "message", "details"?}}``; bodies over
 ``max_body_bytes`` are refused before they are read; path and query parameters are checked
@@ -32,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pushfan.logs import get_logger
 from pushfan.metrics import Metrics
 from pushfan.settings import RegistrySettings
-from registry import preferences, store
+from registry import docs, preferences, store
 from registry.auth import Authenticator, AuthError, Caller
 from registry.connections import KeptConnections
 from registry.models import (
@@ -142,7 +143,9 @@ class RegistryApp:
         self.pool = pool
         self.metrics = metrics
         self.auth = Authenticator(settings)
-        self.openapi = json.dumps(openapi_document()).encode()
+        document = openapi_document()
+        self.openapi = json.dumps(document).encode()
+        self.docs_page = docs.render(document)
         # all but one: the other routes always have a connection
         self.kept = KeptConnections(pool, pool.get_max_size() - 1)
 
@@ -200,6 +203,8 @@ class RegistryApp:
             return 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
         if handler == "openapi":
             return 200, self.openapi, "application/json"
+        if handler == "docs":
+            return 200, self.docs_page, "text/html; charset=utf-8"
         assert not isinstance(handler, str)
         request = Request(scope, receive, self.settings.max_body_bytes)
         try:
@@ -309,6 +314,7 @@ _ROUTES: dict[tuple[str, str], tuple[str, Handler | str]] = {
     ("GET", "/readyz"): ("/readyz", "readyz"),
     ("GET", "/metrics"): ("/metrics", "metrics"),
     ("GET", "/openapi.json"): ("/openapi.json", "openapi"),
+    ("GET", "/docs"): ("/docs", "docs"),
 }
 _DEVICE_PREFIX = b"/v1/devices/"
 

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 
 from pushfan.settings import RegistrySettings, Settings
 from registry.server import Served, running
+from tests.test_registry_docs import Outline
 
 SECRET = "test-secret-of-enough-length-for-hs256"
 
@@ -333,6 +334,44 @@ async def test_health_readiness_metrics_and_openapi(http: httpx.AsyncClient) -> 
     document = (await http.get("/openapi.json")).json()
     assert set(document["paths"]) >= {"/v1/devices", "/v1/devices/{device_id}", "/v1/preferences"}
     assert "DeviceIn" in document["components"]["schemas"]
+
+
+async def test_the_docs_page_is_served_without_a_token(http: httpx.AsyncClient) -> None:
+    response = await http.get("/docs")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert response.text.startswith("<!DOCTYPE html>")
+    metrics = (await http.get("/metrics")).text
+    assert 'pushfan_registry_requests_total{route="/docs",status="200"}' in metrics
+    assert (await http.post("/docs")).status_code == 405
+
+
+async def test_the_docs_page_shows_every_operation_of_the_document(
+    http: httpx.AsyncClient,
+) -> None:
+    document = (await http.get("/openapi.json")).json()
+    outline = Outline((await http.get("/docs")).text)
+
+    operations = outline.operations()
+    documented = {(p, m): op for p, ops in document["paths"].items() for m, op in ops.items()}
+    assert set(operations) == {f"{m.upper()} {p}" for p, m in documented}
+    for (path, method), op in documented.items():
+        tables = operations[f"{method.upper()} {path}"]
+        statuses = [row[0] for row in tables["Responses"]]
+        assert statuses == list(op["responses"]), (method, path)
+        if "requestBody" not in op:
+            assert "Request body" not in tables
+            continue
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        schema = document["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+        fields = {row[0]: row[2] for row in tables["Request body"]}
+        assert set(fields) == set(schema["properties"]), (method, path)
+        required = {name for name, flag in fields.items() if flag == "yes"}
+        assert required == set(schema.get("required", [])), (method, path)
+    # not vacuous: a registration's required fields are on the page
+    registration = operations["POST /v1/devices"]["Request body"]
+    assert {"token", "platform", "device_id", "app_id"} <= {r[0] for r in registration if r[2]}
 
 
 _json_values = st.recursive(
