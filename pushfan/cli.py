@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         "registry",
         help="serve the token registry HTTP API (devices, preferences) until SIGTERM",
         description="Serve the token registry API on PUSHFAN_REGISTRY__HOST:PORT with bearer"
-        " JWT auth (PUSHFAN_REGISTRY__JWT_*). The OpenAPI document is at /openapi.json,"
-        " Prometheus metrics at /metrics. Run `pushfan migrate` first.",
+        " JWT auth (PUSHFAN_REGISTRY__JWT_*). The OpenAPI document is at /openapi.json"
+        " (as an HTML page at /docs), Prometheus metrics at /metrics. Run `pushfan migrate`"
+        " first.",
     )
     p.set_defaults(run=_cmd_registry)
 

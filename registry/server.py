@@ -69,5 +69,9 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT: in-flight requests finish, then the pool closes."""
     async with running(settings) as served:
         url = served.url
-        print(f"pushfan registry serving on {url} (OpenAPI: {url}/openapi.json)", flush=True)
+        print(
+            f"pushfan registry serving on {url} (API docs: {url}/docs,"
+            f" OpenAPI: {url}/openapi.json)",
+            flush=True,
+        )
         await served.stopped
