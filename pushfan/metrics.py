@@ -7,10 +7,14 @@ own registry and passes it down (tests build their own).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
+
+from pushfan.errors import SetupError
 
 PREFIX = "pushfan"
 M = TypeVar("M", bound=MetricWrapperBase)
@@ -150,3 +154,26 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+
+@contextlib.contextmanager
+def serving(metrics: Metrics, port: int, setting: str) -> Iterator[None]:
+    """Serve ``metrics`` on ``http://0.0.0.0:port/metrics`` while the block runs; port 0:
+    not served. A port that cannot be bound is a SetupError naming ``setting``, the
+    variable that chose it."""
+    if not port:
+        yield
+        return
+    try:
+        server, thread = start_http_server(port, registry=metrics.registry)
+    except OSError as exc:
+        raise SetupError(
+            f"cannot serve metrics on port {port}: {exc} (set {setting} to a free port,"
+            " or 0 for none)"
+        ) from exc
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
