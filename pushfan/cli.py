@@ -22,6 +22,7 @@ from pushfan.emulators.credentials import DEFAULT_STATE_DIR
 from pushfan.errors import SetupError
 from pushfan.logs import configure_logging
 from pushfan.settings import Settings, env_names, load_settings
+from schemas import format_validation_error
 
 # Subcommands that later work fills; each names the issue that brings it.
 PLANNED: dict[str, tuple[str, int]] = {
@@ -166,7 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
     except (ValidationError, ValueError) as exc:
-        print(f"pushfan: invalid settings: {exc}", file=sys.stderr)
+        # One line, without the values (they can be secrets): format_validation_error.
+        reason = format_validation_error(exc) if isinstance(exc, ValidationError) else exc
+        print(f"pushfan: invalid settings: {reason}", file=sys.stderr)
         return 2
     configure_logging(settings.logging)
     run: Callable[[argparse.Namespace, Settings], int] = args.run
