@@ -19,6 +19,8 @@ from pushfan.errors import SetupError
 PREFIX = "pushfan"
 M = TypeVar("M", bound=MetricWrapperBase)
 
+BRIDGE_OUTCOMES = ("published", "dead_lettered")
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5, 10, 30)
 
@@ -142,6 +144,16 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        # The fulfilment bridge.
+        self.bridge_events = Counter(
+            f"{PREFIX}_bridge_events",
+            "Business events the bridge consumed, by outcome: published (a job on the jobs"
+            " topic), dead_lettered (undecodable or invalid, on the dead-letter topic).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in BRIDGE_OUTCOMES:  # both series exist from the start, at 0
+            self.bridge_events.labels(outcome)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def child(self, metric: M, *labels: str) -> M:
