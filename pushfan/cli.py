@@ -22,11 +22,7 @@ from pushfan.emulators.credentials import DEFAULT_STATE_DIR
 from pushfan.errors import SetupError
 from pushfan.logs import configure_logging
 from pushfan.settings import Settings, env_names, load_settings
-
-# Subcommands that later work fills; each names the issue that brings it.
-PLANNED: dict[str, tuple[str, int]] = {
-    "bridge": ("turn business events (orders shipped) into notification jobs", 7),
-}
+from schemas import format_validation_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,9 +139,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     publish_cli.add_parser(sub)
 
-    for name, (summary, issue) in PLANNED.items():
-        p = sub.add_parser(name, help=f"{summary} (not implemented yet: issue #{issue})")
-        p.set_defaults(run=_planned(name, issue))
+    p = sub.add_parser(
+        "bridge",
+        help="turn business events (orders shipped) into notification jobs (until SIGTERM)",
+        description="Bridges from an existing event stream to notification jobs, without"
+        " changing the system that produces it.",
+    )
+    bridges = p.add_subparsers(dest="bridge", required=True, metavar="BRIDGE")
+    b = bridges.add_parser(
+        "orders-shipped",
+        help="order-shipped events to a notification for the order's user",
+        description="Consume order-shipped events (JSON: order_id, user_id, optional"
+        " carrier and tracking_url) from PUSHFAN_BRIDGE__TOPIC in the group"
+        " PUSHFAN_BRIDGE__GROUP_ID and publish one job per event to the jobs topic, id"
+        " order-<order_id>-shipped, so an event delivered twice notifies once. Title and"
+        " body come from PUSHFAN_BRIDGE__TITLE and PUSHFAN_BRIDGE__BODY ({order_id},"
+        " {user_id}, {carrier}, {tracking_url}); type, priority and expiry from"
+        " PUSHFAN_BRIDGE__NOTIFICATION_TYPE, __PRIORITY and __TTL_S. An event that is not"
+        " JSON or breaks the contract goes to the dead-letter topic with the reason."
+        " Offsets are committed once the broker has acknowledged the batch's jobs. The"
+        " topic belongs to the fulfilment system: the bridge never creates it, and waits"
+        " (with a warning) while it is missing. SIGTERM finishes the current batch."
+        " Metrics on PUSHFAN_BRIDGE__METRICS_PORT (default 0: not served).",
+    )
+    b.set_defaults(run=_cmd_bridge)
     return parser
 
 
@@ -167,7 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
     except (ValidationError, ValueError) as exc:
-        print(f"pushfan: invalid settings: {exc}", file=sys.stderr)
+        # One line, without the values (they can be secrets): format_validation_error.
+        reason = format_validation_error(exc) if isinstance(exc, ValidationError) else exc
+        print(f"pushfan: invalid settings: {reason}", file=sys.stderr)
         return 2
     configure_logging(settings.logging)
     run: Callable[[argparse.Namespace, Settings], int] = args.run
@@ -322,6 +341,34 @@ def _cmd_worker(_args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_bridge(_args: argparse.Namespace, settings: Settings) -> int:
+    from producer.bridge import run
+    from pushfan.metrics import Metrics
+
+    topic, jobs = settings.bridge.topic, settings.kafka.topics.jobs
+
+    def started(topic_exists: bool) -> None:
+        print(f"pushfan bridge: {topic} -> {jobs}", flush=True)
+        if not topic_exists:
+            print(
+                f"pushfan bridge: warning: topic {topic} does not exist; waiting for it"
+                " (the fulfilment system owns it, pushfan does not create it;"
+                " see PUSHFAN_BRIDGE__TOPIC)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await run(settings, Metrics(), stop, on_start=started)
+
+    asyncio.run(main())
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
@@ -345,14 +392,6 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         if not args.watch or found.state in ledger.FINAL_STATES:
             return 0
         time.sleep(args.watch)
-
-
-def _planned(name: str, issue: int) -> Callable[[argparse.Namespace, Settings], int]:
-    def run(_args: argparse.Namespace, _settings: Settings) -> int:
-        print(f"pushfan {name}: not implemented yet (issue #{issue})", file=sys.stderr)
-        return 2
-
-    return run
 
 
 if __name__ == "__main__":

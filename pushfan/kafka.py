@@ -7,6 +7,7 @@ idempotence and client ids are decided in one place.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -100,14 +101,19 @@ async def assign_all(consumer: AIOKafkaConsumer, topic: str) -> None:
 _TOPIC_OK = {0, 36}  # NONE, TOPIC_ALREADY_EXISTS
 
 
-async def ensure_topics(settings: KafkaSettings) -> list[str]:
-    """Create pushfan's topics that do not exist yet; return the names created.
+async def ensure_topics(settings: KafkaSettings, *, also: Iterable[str] = ()) -> list[str]:
+    """Create pushfan's topics that do not exist yet, and the topics ``also`` names;
+    return the names created.
 
     Uses ``topic_partitions`` and ``topic_replication_factor``. A topic the broker
     refuses (authorisation, policy, too few brokers) is a SetupError naming it.
+    ``also`` is for a stack that owns its broker (``pushfan up``, tests), to create the
+    bridge's business topic; ``pushfan bridge`` itself never creates it, since it belongs
+    to the system that produces it.
     """
     topics = settings.topics
     names = [topics.jobs, topics.shards, topics.retry, topics.dead_letter, topics.invalid_tokens]
+    names += [n for n in also if n not in names]
     admin = AIOKafkaAdminClient(**client_options(settings))
     try:
         await admin.start()

@@ -7,13 +7,19 @@ own registry and passes it down (tests build their own).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
+
+from pushfan.errors import SetupError
 
 PREFIX = "pushfan"
 M = TypeVar("M", bound=MetricWrapperBase)
+
+BRIDGE_OUTCOMES = ("published", "dead_lettered")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5, 10, 30)
@@ -138,6 +144,16 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        # The fulfilment bridge.
+        self.bridge_events = Counter(
+            f"{PREFIX}_bridge_events",
+            "Business events the bridge consumed, by outcome: published (a job on the jobs"
+            " topic), dead_lettered (undecodable or invalid, on the dead-letter topic).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in BRIDGE_OUTCOMES:  # both series exist from the start, at 0
+            self.bridge_events.labels(outcome)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def child(self, metric: M, *labels: str) -> M:
@@ -150,3 +166,26 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+
+@contextlib.contextmanager
+def serving(metrics: Metrics, port: int, setting: str) -> Iterator[None]:
+    """Serve ``metrics`` on ``http://0.0.0.0:port/metrics`` while the block runs; port 0:
+    not served. A port that cannot be bound is a SetupError naming ``setting``, the
+    variable that chose it."""
+    if not port:
+        yield
+        return
+    try:
+        server, thread = start_http_server(port, registry=metrics.registry)
+    except OSError as exc:
+        raise SetupError(
+            f"cannot serve metrics on port {port}: {exc} (set {setting} to a free port,"
+            " or 0 for none)"
+        ) from exc
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import json
 import os
+import string
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -23,8 +32,14 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from schemas.common import NotificationType
+
 ENV_PREFIX = "PUSHFAN_"
 ENV_NESTED_DELIMITER = "__"
+
+# The placeholders the bridge's templates may use: the fields of an order-shipped event
+# (producer.bridge.OrderShipped), checked here so a typo stops start-up, not each event.
+BRIDGE_TEMPLATE_FIELDS = ("order_id", "user_id", "carrier", "tracking_url")
 
 
 class _Section(BaseModel):
@@ -261,6 +276,65 @@ class HygieneSettings(_Section):
     )
 
 
+class BridgeSettings(_Section):
+    """The fulfilment bridge (``pushfan bridge orders-shipped``): order-shipped events on
+    a business topic become one-user notification jobs."""
+
+    topic: str = Field(
+        "orders.shipped",
+        min_length=1,
+        description="The fulfilment system's order-shipped topic the bridge reads (not"
+        " created by pushfan).",
+    )
+    group_id: str = Field(
+        "pushfan-bridge", min_length=1, description="Consumer group of the bridge."
+    )
+    notification_type: NotificationType = Field(
+        "order_shipped", description="The jobs' notification type (users opt out per type)."
+    )
+    title: str = Field(
+        "Your order {order_id} has shipped",
+        description="Title template; placeholders {order_id}, {user_id}, {carrier},"
+        " {tracking_url}. Empty: no title.",
+    )
+    body: str = Field(
+        "{carrier} is on its way with it.",
+        description="Body template, same placeholders. A template naming a field the"
+        " event lacks is left out (the default body: no body without a carrier).",
+    )
+    ttl_s: int = Field(
+        86_400,
+        ge=0,
+        description="Seconds from the bridge publishing a job to its expiry; an expired job"
+        " is not sent (0: never expires).",
+    )
+    priority: Literal["urgent", "normal", "low"] = Field(
+        "normal", description="The jobs' priority: urgent, normal or low."
+    )
+    batch_size: int = Field(500, ge=1, description="Events read, sent and committed per batch.")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of the bridge's /metrics (0: not served)."
+    )
+
+    @field_validator("title", "body")
+    @classmethod
+    def _known_placeholders(cls, template: str, info: ValidationInfo) -> str:
+        name = f"{ENV_PREFIX}BRIDGE{ENV_NESTED_DELIMITER}{(info.field_name or '').upper()}"
+        allowed = ", ".join(f"{{{f}}}" for f in BRIDGE_TEMPLATE_FIELDS)
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+            unknown = [f for f in fields if f not in BRIDGE_TEMPLATE_FIELDS]
+            if not unknown:  # a format spec that str refuses ({order_id:d}) fails here
+                template.format_map(dict.fromkeys(BRIDGE_TEMPLATE_FIELDS, "x"))
+        except (ValueError, KeyError, IndexError) as exc:
+            raise ValueError(f"{name}: not a valid template ({exc}); use {allowed}") from None
+        if unknown:
+            # Positional ({}) and attribute or index access ({order_id.x}) are refused too.
+            shown = ", ".join(f"{{{f}}}" for f in unknown)
+            raise ValueError(f"{name}: unknown placeholder {shown}; use {allowed}")
+        return template
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with :func:`load_settings`, then pass it down."""
 
@@ -281,6 +355,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     registry: RegistrySettings = RegistrySettings()
     hygiene: HygieneSettings = HygieneSettings()
+    bridge: BridgeSettings = BridgeSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -16,13 +16,10 @@ import socket
 import uuid
 from contextlib import AsyncExitStack
 
-from prometheus_client import start_http_server
-
 from pushfan.db import create_pool
-from pushfan.errors import SetupError
 from pushfan.kafka import make_producer, start_client
 from pushfan.logs import get_logger
-from pushfan.metrics import Metrics
+from pushfan.metrics import Metrics, serving
 from pushfan.settings import Settings
 from worker.consumer import WorkerConsumer
 from worker.dispatch import Dispatcher
@@ -76,16 +73,7 @@ async def run(
     metrics = metrics or Metrics()
     w = settings.worker
     async with AsyncExitStack() as stack:
-        if w.metrics_port:
-            try:
-                server, _ = start_http_server(w.metrics_port, registry=metrics.registry)
-            except OSError as exc:
-                raise SetupError(
-                    f"cannot serve metrics on port {w.metrics_port}: {exc}"
-                    " (set PUSHFAN_WORKER__METRICS_PORT to a free port, or 0 for none)"
-                ) from exc
-            stack.callback(server.server_close)
-            stack.callback(server.shutdown)
+        stack.enter_context(serving(metrics, w.metrics_port, "PUSHFAN_WORKER__METRICS_PORT"))
         pool = await create_pool(settings.database)
         stack.push_async_callback(pool.close)
         senders = build_senders(settings, ALL_PLATFORMS)
