@@ -23,13 +23,16 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings, *, port: int | None = None) -> AsyncIterator[Served]:
+async def running(
+    settings: Settings, *, port: int | None = None, metrics: Metrics | None = None
+) -> AsyncIterator[Served]:
     """Serve the registry until the block ends (or uvicorn stops on SIGTERM/SIGINT,
     finishing in-flight requests). Used by the CLI, the tests and the benchmark
-    (``port=0`` picks a free port)."""
+    (``port=0`` picks a free port). ``metrics``: the process's, when it runs other
+    services too (``pushfan up``)."""
     # The registry keeps no session state (its advisory locks are transaction-scoped).
     pool = await create_pool(settings.database, reset=False)
-    app = RegistryApp(settings.registry, pool, Metrics())
+    app = RegistryApp(settings.registry, pool, metrics or Metrics())
     config = uvicorn.Config(
         app,
         host=settings.registry.host,

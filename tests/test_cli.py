@@ -90,21 +90,80 @@ def test_settings_shows_values_without_secrets(service_env: dict[str, str]) -> N
     assert "hunter2" not in out.stdout
 
 
+SUMMARY_ROW = re.compile(r"^ {4,}(\S.*?)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", re.MULTILINE)
+
+
+def summary_rows(stdout: str) -> dict[str, tuple[int, int, int]]:
+    """The broadcast's per-platform table: row name -> (android, ios, total)."""
+    return {
+        m[1].strip(): tuple(int(n.replace(",", "")) for n in m.groups()[1:])  # type: ignore[misc]
+        for m in SUMMARY_ROW.finditer(stdout)
+    }
+
+
+def demo_population(users: int) -> dict[str, tuple[int, int]]:
+    """What the demo seeds for ``users``, counted here from its rules (seed.py's
+    docstring), per platform (android, ios): tokens, asleep, opted out, dead."""
+    counts = {k: [0, 0] for k in ("tokens", "quiet", "opted_out", "dead")}
+    for i in range(users):
+        block, r = i // 10, i % 10
+        platforms = [0] if r < 6 else [1] if r < 9 else [0, 1]
+        group = (
+            "quiet"
+            if block % 10 == 0
+            else "opted_out"
+            if block % 20 == 5
+            else "dead"
+            if block % 50 == 7
+            else None
+        )
+        for p in platforms:
+            counts["tokens"][p] += 1
+            if group:
+                counts[group][p] += 1
+    return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
 @pytest.mark.slow
 def test_up_on_the_session_stack_runs_the_demo(service_env: dict[str, str]) -> None:
-    out = pushfan("up", "--exit-after-demo", "--demo-users", "3000", env=service_env)
+    env = {
+        **service_env,
+        "PUSHFAN_REGISTRY__PORT": "0",
+        "PUSHFAN_BRIDGE__TOPIC": f"orders-{uuid.uuid4().hex[:8]}",
+    }
+    out = pushfan("up", "--exit-after-demo", "--demo-users", "3000", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "applied: 0001_initial, 0002_fanout" in out.stdout
+    assert "applied: 0001_initial, 0002_fanout, 0003_policy" in out.stdout
+    assert "registered 4 devices through the registry API, logged out of one" in out.stdout
     assert re.search(
-        r"demo 1: order shipped for user 42: job \S+ completed in \d+ ms, sent to 3 devices"
-        r" \(iphone, pixel, tablet\); the logged-out old phone got nothing",
+        r"the event arrived twice on orders-\w+; the bridge made job order-D\w+-shipped\n"
+        r"    completed in \d+ ms: sent to 3 devices \(iphone, pixel, tablet\), once each;"
+        r" the duplicate was skipped; the logged-out old phone got nothing",
         out.stdout,
+    ), out.stdout
+
+    pop = demo_population(3000)
+    tokens = sum(pop["tokens"])
+    assert f"segment demo-everyone: 3,000 users, {tokens:,} tokens" in out.stdout
+    rows = summary_rows(out.stdout)
+    expected_delivered = tuple(
+        pop["tokens"][p] - pop["quiet"][p] - pop["opted_out"][p] - pop["dead"][p] for p in (0, 1)
     )
-    assert "(3,000 users, 6,000 tokens)" in out.stdout
-    assert re.search(
-        r"completed in [\d.]+ s: 6,000 sent .* the emulators received 6,000", out.stdout
-    )
+    assert rows["targeted"][:2] == pop["tokens"]
+    assert rows["delivered"][:2] == expected_delivered
+    # What the emulators recorded, independent of pushfan's own counters:
+    assert rows["emulators received"] == rows["delivered"]
+    assert rows["invalid (reported dead)"][:2] == pop["dead"]
+    assert rows["cleaned up"] == rows["invalid (reported dead)"]
+    assert rows["deferred (quiet hours)"][:2] == pop["quiet"]
+    assert rows["suppressed (opted out)"][:2] == pop["opted_out"]
+    assert min(pop["dead"] + pop["quiet"] + pop["opted_out"]) > 0  # every group is exercised
+    assert "every token accounted for" in out.stdout
+    assert "MISMATCH" not in out.stdout
+
     assert "Kafka broker (external)" in out.stdout
+    assert re.search(r"registry API: +http://127\.0\.0\.1:\d+/v1/devices", out.stdout)
+    assert re.search(r"its docs: +http://127\.0\.0\.1:\d+/docs", out.stdout)
     assert re.search(r"FCM v1 emulator: +https://127\.0\.0\.1:\d+/v1/projects/", out.stdout)
     assert re.search(r"APNs emulator: +https://127\.0\.0\.1:\d+/3/device/", out.stdout)
     assert out.stdout.rstrip().endswith("pushfan up: stopped")
@@ -118,11 +177,15 @@ def test_up_on_a_fresh_machine_starts_its_own_stack() -> None:
         for k, v in os.environ.items()
         if not k.startswith("PUSHFAN_") and k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
     }
-    env.update(PUSHFAN_LOGGING__FORMAT="json", PUSHFAN_WORKER__METRICS_PORT="0")
+    env.update(
+        PUSHFAN_LOGGING__FORMAT="json",
+        PUSHFAN_WORKER__METRICS_PORT="0",
+        PUSHFAN_REGISTRY__PORT="0",
+    )
     out = pushfan("up", "--exit-after-demo", "--demo-users", "500", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "sent to 3 devices" in out.stdout
-    assert "the emulators received 1,000" in out.stdout
+    assert "sent to 3 devices (iphone, pixel, tablet), once each" in out.stdout
+    assert "every token accounted for" in out.stdout
     assert "Kafka broker (tansu)" in out.stdout or "Kafka broker (testcontainers)" in out.stdout
     assert "PostgreSQL (embedded)" in out.stdout or "PostgreSQL (testcontainers)" in out.stdout
 
