@@ -43,12 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "up",
-        help="start the embedded stack, a worker and the emulators, run the demo (`make run`)",
+        help="start the embedded stack and every service, run the demo (`make run`)",
         description="Start a Kafka-protocol broker and a PostgreSQL (or use KAFKA_BOOTSTRAP_SERVERS"
         " and DATABASE_URL), apply migrations, create the topics, start the FCM and APNs"
-        " emulators and a fanout worker sending to them, run the demo (an order-shipped"
-        " notification to one user's devices, then a broadcast to a segment) and keep serving"
-        " until Ctrl-C.",
+        " emulators and every service in this process: the registry API"
+        " (PUSHFAN_REGISTRY__PORT; a JWT secret is made up unless PUSHFAN_REGISTRY__JWT_SECRET"
+        " is set), a fanout worker sending to the emulators, the cleanup consumer and the"
+        " orders-shipped bridge. Then run the demo: user 42 registers devices through the API,"
+        " an order-shipped event arrives twice and is notified once, and a broadcast to a"
+        " seeded segment (quiet hours, opt-outs, dead tokens) is accounted for per platform."
+        " Keeps serving until Ctrl-C.",
     )
     p.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is done")
     p.add_argument(
@@ -56,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=20_000,
         metavar="N",
-        help="users in the demo broadcast's segment, two devices each (default 20000)",
+        help="users in the demo broadcast's segment (default 20000; 1.1 devices each)",
     )
     p.set_defaults(run=_cmd_up)
 
