@@ -7,9 +7,9 @@ import asyncio
 import json
 import re
 import shutil
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from subprocess import PIPE
 
 import asyncpg
 import pytest
@@ -177,8 +177,9 @@ async def test_the_readme_kcat_example_publishes_a_job_the_worker_sends(
     assert f"user:{user}" in command
     assert job_id in command
     assert "localhost" not in command
-    ran = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
-    assert ran.returncode == 0, ran.stderr
+    kcat = await asyncio.create_subprocess_exec("bash", "-c", command, stderr=PIPE)
+    _, stderr = await asyncio.wait_for(kcat.communicate(), 60)
+    assert kcat.returncode == 0, stderr.decode()
 
     (record,) = await read_records(wsettings, wsettings.kafka.topics.jobs)
     assert record.key == f"user:{user}".encode()
