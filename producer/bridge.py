@@ -241,17 +241,7 @@ class OrdersShippedBridge(ConsumerRebalanceListener):  # type: ignore[misc]  # u
         return _Out(self.kafka.topics.jobs, job.to_bytes(), job_key(job), "published")
 
     def _dead_letter(self, record: Record, error: str, kind: ErrorKind, now: datetime) -> _Out:
-        letter = DeadLetter(
-            original=record.value or b"",
-            key=record.key,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            error=error,
-            error_kind=kind,
-            failed_at=now,
-            headers={k: v.decode("utf-8", "replace") for k, v in record.headers or ()},
-        )
+        letter = DeadLetter.of(record, error, kind, now)
         # The error names fields, never their values (format_validation_error): no ids here.
         at = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
         log.warning("bridge dead-lettered an event", **at, error_kind=kind, error=error)

@@ -22,6 +22,7 @@ from pushfan.emulators.credentials import DEFAULT_STATE_DIR
 from pushfan.errors import SetupError
 from pushfan.logs import configure_logging
 from pushfan.settings import Settings, env_names, load_settings
+from pushfan.signals import stop_on_signals
 from schemas import format_validation_error
 
 
@@ -259,7 +260,7 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_emulators(args: argparse.Namespace, _settings: Settings) -> int:
     from pushfan.emulators.runner import SERVING, describe, start_emulators
-    from pushfan.up import wait_for_stop_signal
+    from pushfan.signals import wait_for_stop_signal
 
     async def serve() -> None:
         emulators = await start_emulators(
@@ -295,10 +296,7 @@ def _cmd_cleanup(_args: argparse.Namespace, settings: Settings) -> int:
     from registry.cleanup import run
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+        stop = stop_on_signals()
         pool = await create_pool(settings.database)
         try:
             print("pushfan cleanup: consuming", settings.kafka.topics.invalid_tokens, flush=True)
@@ -334,10 +332,7 @@ def _cmd_worker(_args: argparse.Namespace, settings: Settings) -> int:
     from worker.main import run
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+        stop = stop_on_signals()
         print("pushfan worker: consuming", settings.kafka.topics.jobs, flush=True)
         await run(settings, stop)
 
@@ -363,10 +358,7 @@ def _cmd_bridge(_args: argparse.Namespace, settings: Settings) -> int:
             )
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+        stop = stop_on_signals()
         await run(settings, Metrics(), stop, on_start=started)
 
     asyncio.run(main())

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import signal
 import time
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ from pushfan.errors import SetupError
 from pushfan.kafka import ensure_topics
 from pushfan.metrics import Metrics
 from pushfan.settings import Settings
+from pushfan.signals import wait_for_stop_signal
 from pushfan.stack import Stack, redact_url, start_stack
 
 
@@ -181,17 +181,3 @@ def _print_where(
         "Platform emulators (scriptable; see pushfan/emulators/script.py):",
         flush=True,
     )
-
-
-async def wait_for_stop_signal() -> None:
-    """Return once SIGINT or SIGTERM arrives."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)

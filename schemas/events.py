@@ -1,8 +1,9 @@
 """Messages the workers emit: invalid-token events and dead letters."""
 
 import hashlib
-from collections.abc import Iterator
-from typing import Any, Literal, Self
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any, Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -65,6 +66,26 @@ class InvalidTokenEvent(BaseModel):
         return cls.model_validate_json(raw, strict=True)
 
 
+class ConsumedRecord(Protocol):
+    """What a dead letter keeps of a consumed record (an aiokafka ``ConsumerRecord``)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+ErrorKind = Literal["decode", "validation", "processing"]
+
+
 class DeadLetter(BaseModel):
     """A message the worker could not process, with where it came from and why.
 
@@ -84,9 +105,24 @@ class DeadLetter(BaseModel):
     partition: int = Field(ge=0)
     offset: int = Field(ge=0)
     error: str = Field(min_length=1, description="Why it failed, in one clear line.")
-    error_kind: Literal["decode", "validation", "processing"]
+    error_kind: ErrorKind
     failed_at: AwareDatetime
     headers: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, record: ConsumedRecord, error: str, kind: ErrorKind, failed_at: datetime) -> Self:
+        """The dead letter of ``record``: its bytes, where it was, and why it failed."""
+        return cls(
+            original=record.value or b"",
+            key=record.key,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            error=error,
+            error_kind=kind,
+            failed_at=failed_at,
+            headers={k: v.decode("utf-8", "replace") for k, v in record.headers or ()},
+        )
 
     def to_bytes(self) -> bytes:
         """Compact UTF-8 JSON without null fields; :meth:`from_bytes` reads it back equal."""

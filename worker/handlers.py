@@ -61,17 +61,7 @@ class Handlers:
     # -- dead letters --------------------------------------------------------------------
 
     async def dead_letter(self, record: Record, error: str, kind: str) -> None:
-        letter = DeadLetter(
-            original=record.value or b"",
-            key=record.key,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            error=error,
-            error_kind=kind,  # type: ignore[arg-type]
-            failed_at=datetime.now(UTC),
-            headers={k: v.decode("utf-8", "replace") for k, v in record.headers or ()},
-        )
+        letter = DeadLetter.of(record, error, kind, datetime.now(UTC))  # type: ignore[arg-type]
         await self.producer.send_and_wait(
             self.topics.dead_letter, letter.to_bytes(), key=record.key
         )
