@@ -144,6 +144,48 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        # Provider traffic and consumer progress (every consuming service).
+        self.send_seconds = Histogram(
+            f"{PREFIX}_worker_send_seconds",
+            "Provider request latency, from the request written to its response read, by"
+            " platform.",
+            ["platform"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.provider_responses = Counter(
+            f"{PREFIX}_worker_provider_responses",
+            "Provider responses by platform and status class: 2xx, 4xx, 429, 5xx, and"
+            " error (no response: timeout or connection lost).",
+            ["platform", "status_class"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_worker_in_flight_requests",
+            "Provider requests in flight now, by platform.",
+            ["platform"],
+            registry=r,
+        )
+        self.retries = Counter(
+            f"{PREFIX}_worker_retries",
+            "Tokens sent again after a transient or quota answer, by platform.",
+            ["platform"],
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            f"{PREFIX}_consumer_lag",
+            "Records between a consumer group's position and the end of each partition it"
+            " holds, by group, topic and partition (refreshed every few seconds).",
+            ["group", "topic", "partition"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            f"{PREFIX}_ready",
+            "1 while the service is ready: connected to the broker and the database, not"
+            " draining; 0 otherwise (what /readyz answers).",
+            ["service"],
+            registry=r,
+        )
         # The fulfilment bridge.
         self.bridge_events = Counter(
             f"{PREFIX}_bridge_events",
