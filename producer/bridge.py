@@ -26,6 +26,7 @@ or integers), optional ``carrier`` and http(s) ``tracking_url``, other fields ig
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -39,9 +40,10 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from producer.jobs import InvalidJob, build_job, job_key
+from pushfan.health import Health, serving, watch
 from pushfan.kafka import make_consumer, make_producer, start_client
 from pushfan.logs import get_logger
-from pushfan.metrics import Metrics, serving
+from pushfan.metrics import Metrics
 from pushfan.settings import BridgeSettings, Settings
 from schemas import DeadLetter, NotificationJob, UserId, format_validation_error
 
@@ -275,16 +277,24 @@ async def run(
     on_start: Callable[[bool], Any] | None = None,
     consumer_options: Mapping[str, Any] | None = None,
 ) -> None:
-    """The bridge of ``pushfan bridge orders-shipped`` until ``stop``, with its metrics on
-    ``PUSHFAN_BRIDGE__METRICS_PORT`` (0: not served; in-process, pass the host's
-    ``metrics`` and leave it 0). ``on_start(topic_exists)`` is called once connected; a
-    broker that cannot be reached is a :class:`~pushfan.errors.SetupError`."""
-    with serving(metrics, settings.bridge.metrics_port, "PUSHFAN_BRIDGE__METRICS_PORT"):
+    """The bridge of ``pushfan bridge orders-shipped`` until ``stop``, with /metrics,
+    /healthz and /readyz on ``PUSHFAN_BRIDGE__METRICS_PORT`` (0: not served; in-process,
+    pass the host's ``metrics`` and set it 0). ``on_start(topic_exists)`` is called once
+    connected; a broker that cannot be reached is a :class:`~pushfan.errors.SetupError`."""
+    health = Health("bridge", metrics)
+    port = settings.bridge.metrics_port
+    with serving(metrics, port, "PUSHFAN_BRIDGE__METRICS_PORT", health):
         bridge = OrdersShippedBridge(settings, metrics, consumer_options=consumer_options)
         exists = await bridge.start()
+        health.start()
+        group = settings.bridge.group_id
+        watcher = asyncio.create_task(watch(health, stop, consumer=bridge.consumer, group=group))
         try:
             if on_start is not None:
                 on_start(exists)
             await bridge.run(stop)
         finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             await bridge.close()

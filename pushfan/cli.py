@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="deactivate tokens the platforms reported dead (consumes invalid-token events)",
         description="Consume the invalid-token topic in batches, deactivate each batch in one"
         " statement (a token registered again since the report is kept), commit offsets after"
-        " the database write. Runs until SIGTERM; the current batch finishes first.",
+        " the database write. Runs until SIGTERM; the current batch finishes first. /metrics,"
+        " /healthz and /readyz on PUSHFAN_HYGIENE__CLEANUP_METRICS_PORT.",
     )
     p.set_defaults(run=_cmd_cleanup)
 
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         " runs (PUSHFAN_WORKER__RELEASE_INTERVAL_S), low-priority jobs obey"
         " PUSHFAN_WORKER__LOW_CAP; urgent jobs bypass all of it. Run several for more"
         " throughput: big audiences are split into shards that every worker of the group"
-        " takes a share of. SIGTERM stops between pages. Metrics on"
+        " takes a share of. SIGTERM stops between pages. /metrics, /healthz and /readyz on"
         " PUSHFAN_WORKER__METRICS_PORT. Run `pushfan migrate` first.",
     )
     p.set_defaults(run=_cmd_worker)
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         " Offsets are committed once the broker has acknowledged the batch's jobs. The"
         " topic belongs to the fulfilment system: the bridge never creates it, and waits"
         " (with a warning) while it is missing. SIGTERM finishes the current batch."
-        " Metrics on PUSHFAN_BRIDGE__METRICS_PORT (default 0: not served).",
+        " /metrics, /healthz and /readyz on PUSHFAN_BRIDGE__METRICS_PORT (0: not served).",
     )
     b.set_defaults(run=_cmd_bridge)
     return parser

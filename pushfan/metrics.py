@@ -7,21 +7,23 @@ own registry and passes it down (tests build their own).
 
 from __future__ import annotations
 
-import contextlib
+import bisect
+import itertools
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
-
-from pushfan.errors import SetupError
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 PREFIX = "pushfan"
 M = TypeVar("M", bound=MetricWrapperBase)
 
 BRIDGE_OUTCOMES = ("published", "dead_lettered")
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5, 10, 30)
 
 
@@ -39,7 +41,7 @@ class Metrics:
             f"{PREFIX}_registry_request_seconds",
             "Registry API request latency by route template.",
             ["route"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.registrations = Counter(
@@ -144,28 +146,11 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        # Provider traffic and consumer progress (every consuming service).
-        self.send_seconds = Histogram(
-            f"{PREFIX}_worker_send_seconds",
-            "Provider request latency, from the request written to its response read, by"
-            " platform.",
-            ["platform"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.provider_responses = Counter(
-            f"{PREFIX}_worker_provider_responses",
-            "Provider responses by platform and status class: 2xx, 4xx, 429, 5xx, and"
-            " error (no response: timeout or connection lost).",
-            ["platform", "status_class"],
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            f"{PREFIX}_worker_in_flight_requests",
-            "Provider requests in flight now, by platform.",
-            ["platform"],
-            registry=r,
-        )
+        # Provider traffic and consumer progress.
+        # Provider latency, responses and requests in flight: kept by each HTTP/2 pool
+        # (Traffic) and read at scrape time, so a request costs no metric call.
+        self.traffic = _TrafficCollector()
+        r.register(self.traffic)
         self.retries = Counter(
             f"{PREFIX}_worker_retries",
             "Tokens sent again after a transient or quota answer, by platform.",
@@ -210,24 +195,67 @@ class Metrics:
         return found
 
 
-@contextlib.contextmanager
-def serving(metrics: Metrics, port: int, setting: str) -> Iterator[None]:
-    """Serve ``metrics`` on ``http://0.0.0.0:port/metrics`` while the block runs; port 0:
-    not served. A port that cannot be bound is a SetupError naming ``setting``, the
-    variable that chose it."""
-    if not port:
-        yield
-        return
-    try:
-        server, thread = start_http_server(port, registry=metrics.registry)
-    except OSError as exc:
-        raise SetupError(
-            f"cannot serve metrics on port {port}: {exc} (set {setting} to a free port,"
-            " or 0 for none)"
-        ) from exc
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+STATUS_CLASSES = ("2xx", "4xx", "429", "5xx", "error")
+
+
+class Traffic:
+    """One provider connection pool's requests: a latency histogram (responses only),
+    responses by status class, requests in flight. Plain counters the pool bumps on the
+    event loop; the collector reads them when Prometheus scrapes."""
+
+    __slots__ = ("classes", "counts", "in_flight", "seconds")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: above every bound
+        self.seconds = 0.0
+        self.classes = dict.fromkeys(STATUS_CLASSES, 0)
+        self.in_flight = 0
+
+    def answered(self, seconds: float, status: int) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.seconds += seconds
+        key = "429" if status == 429 else f"{status // 100}xx"
+        self.classes[key] = self.classes.get(key, 0) + 1
+
+    def failed(self) -> None:
+        """No response: the deadline passed or the connection was lost."""
+        self.classes["error"] += 1
+
+
+class _TrafficCollector(Collector):
+    def __init__(self) -> None:
+        self.sources: dict[str, Traffic] = {}
+
+    def watch(self, service: str, traffic: Traffic) -> None:
+        """Export ``traffic`` under ``service`` (``fcm``, ``apns``)."""
+        self.sources[service] = traffic
+
+    def collect(self) -> Iterator[Metric]:
+        latency = HistogramMetricFamily(
+            f"{PREFIX}_worker_send_seconds",
+            "Provider request latency, from the send (a wait for a free stream included) to"
+            " its response, by service (fcm, apns).",
+            labels=["service"],
+        )
+        responses = CounterMetricFamily(
+            f"{PREFIX}_worker_provider_responses",
+            "Provider responses by service and status class: 2xx, 4xx, 429, 5xx, and error"
+            " (no response: the deadline passed or the connection was lost).",
+            labels=["service", "status_class"],
+        )
+        in_flight = GaugeMetricFamily(
+            f"{PREFIX}_worker_in_flight_requests",
+            "Provider requests in flight now, by service.",
+            labels=["service"],
+        )
+        for service, t in sorted(self.sources.items()):
+            counts = list(t.counts)
+            cumulative = list(itertools.accumulate(counts))
+            bounds = [*map(str, LATENCY_BUCKETS), "+Inf"]
+            latency.add_metric([service], list(zip(bounds, cumulative, strict=True)), t.seconds)
+            for status_class, n in sorted(t.classes.items()):
+                responses.add_metric([service, status_class], n)
+            in_flight.add_metric([service], t.in_flight)
+        yield latency
+        yield responses
+        yield in_flight

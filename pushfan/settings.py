@@ -207,7 +207,10 @@ class WorkerSettings(_Section):
         20.0, gt=0, description="On SIGTERM or a rebalance, time allowed for in-flight pages."
     )
     metrics_port: int = Field(
-        9102, ge=0, le=65535, description="Port of the worker's /metrics (0: not served)."
+        9102,
+        ge=0,
+        le=65535,
+        description="Port of the worker's /metrics, /healthz and /readyz (0: not served).",
     )
     release_interval_s: float = Field(
         5.0,
@@ -274,6 +277,13 @@ class HygieneSettings(_Section):
         description="Statements that write one cleanup batch at once, each on its own"
         " connection from the pool, over a disjoint range of tokens.",
     )
+    cleanup_metrics_port: int = Field(
+        9103,
+        ge=0,
+        le=65535,
+        description="Port of the cleanup consumer's /metrics, /healthz and /readyz (0: not"
+        " served).",
+    )
 
 
 class BridgeSettings(_Section):
@@ -313,7 +323,10 @@ class BridgeSettings(_Section):
     )
     batch_size: int = Field(500, ge=1, description="Events read, sent and committed per batch.")
     metrics_port: int = Field(
-        0, ge=0, le=65535, description="Port of the bridge's /metrics (0: not served)."
+        9104,
+        ge=0,
+        le=65535,
+        description="Port of the bridge's /metrics, /healthz and /readyz (0: not served).",
     )
 
     @field_validator("title", "body")

@@ -78,6 +78,13 @@ async def _serve(
     from worker.main import run as run_worker
 
     metrics = Metrics()  # one process, one registry: every service's metrics together
+    # ... served once, on the worker's port; the others' ports stay closed.
+    settings = settings.model_copy(
+        update={
+            "bridge": settings.bridge.model_copy(update={"metrics_port": 0}),
+            "hygiene": settings.hygiene.model_copy(update={"cleanup_metrics_port": 0}),
+        }
+    )
     stop = asyncio.Event()
     async with contextlib.AsyncExitStack() as exits:
         pool = await create_pool(settings.database)

@@ -194,10 +194,13 @@ class RegistryApp:
         if handler == "healthz":
             return 200, b'{"status": "ok"}', "application/json"
         if handler == "readyz":
+            ready = self.metrics.child(self.metrics.ready, "registry")
             try:
                 await self.pool.fetchval("SELECT 1", timeout=2)
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                ready.set(0)
                 raise HttpError(503, "not_ready", f"database: {type(exc).__name__}") from None
+            ready.set(1)
             return 200, b'{"status": "ready"}', "application/json"
         if handler == "metrics":
             return 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST

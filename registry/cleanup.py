@@ -25,6 +25,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +35,7 @@ import pydantic
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
+from pushfan.health import Health, serving, watch
 from pushfan.kafka import make_consumer, start_client
 from pushfan.logs import get_logger
 from pushfan.metrics import Metrics
@@ -265,16 +267,27 @@ class Cleanup(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is u
 async def run(
     settings: Settings, pool: asyncpg.Pool, metrics: Metrics, stop: asyncio.Event
 ) -> None:
-    """The cleanup consumer of ``pushfan cleanup``, until ``stop``."""
-    cleanup = Cleanup(
-        settings.kafka,
-        pool,
-        metrics,
-        batch_size=settings.hygiene.cleanup_batch_size,
-        lanes=settings.hygiene.cleanup_lanes,
-    )
-    await cleanup.start()
-    try:
-        await cleanup.run(stop)
-    finally:
-        await cleanup.close()
+    """The cleanup consumer of ``pushfan cleanup``, until ``stop``, with /metrics,
+    /healthz and /readyz on ``PUSHFAN_HYGIENE__CLEANUP_METRICS_PORT`` (0: not served)."""
+    health = Health("cleanup", metrics)
+    port = settings.hygiene.cleanup_metrics_port
+    with serving(metrics, port, "PUSHFAN_HYGIENE__CLEANUP_METRICS_PORT", health):
+        cleanup = Cleanup(
+            settings.kafka,
+            pool,
+            metrics,
+            batch_size=settings.hygiene.cleanup_batch_size,
+            lanes=settings.hygiene.cleanup_lanes,
+        )
+        await cleanup.start()
+        health.start()
+        watcher = asyncio.create_task(
+            watch(health, stop, pool=pool, consumer=cleanup.consumer, group=GROUP_ID)
+        )
+        try:
+            await cleanup.run(stop)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await cleanup.close()

@@ -46,7 +46,14 @@ def settings(stack: Stack) -> Settings:
     """Settings pointed at the session's stack, with topics unique to this session."""
     configure_logging(LoggingSettings(level="INFO", format="json"))
     prefix = f"pushfan-test-{uuid.uuid4().hex[:8]}."
-    return stack.apply(load_settings(), topic_prefix=prefix)
+    applied = stack.apply(load_settings(), topic_prefix=prefix)
+    # Tests run several consumers at once: none binds a fixed ops port unless it asks.
+    return applied.model_copy(
+        update={
+            "bridge": applied.bridge.model_copy(update={"metrics_port": 0}),
+            "hygiene": applied.hygiene.model_copy(update={"cleanup_metrics_port": 0}),
+        }
+    )
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +114,8 @@ def service_env(stack: Stack, settings: Settings) -> dict[str, str]:
         PUSHFAN_KAFKA__ENABLE_IDEMPOTENCE=str(stack.broker.supports_idempotence).lower(),
         PUSHFAN_LOGGING__FORMAT="json",
         PUSHFAN_WORKER__METRICS_PORT="0",
+        PUSHFAN_HYGIENE__CLEANUP_METRICS_PORT="0",
+        PUSHFAN_BRIDGE__METRICS_PORT="0",
     )
     topics = settings.kafka.topics
     for name in type(topics).model_fields:

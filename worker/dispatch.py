@@ -51,6 +51,8 @@ class Sent:
     outcomes: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     # (platform, decision) -> tokens the delivery policy held back or released
     policy: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # platform -> tokens sent again by the retry policy (every round after the first)
+    retried: Counter[str] = field(default_factory=Counter)
 
 
 class Dispatcher:
@@ -163,7 +165,13 @@ class Dispatcher:
         message = self.message(job, platform)
         started = datetime.now(UTC)
 
+        rounds = 0
+
         async def once(tokens: Sequence[str]) -> list[Outcome]:
+            nonlocal rounds
+            rounds += 1
+            if rounds > 1:
+                sent.retried[platform] += len(tokens)
             return await sender.send(tokens, message)
 
         outcomes = await send_with_retries([t for _, t in targets], once, self.policy)

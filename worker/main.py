@@ -17,9 +17,10 @@ import uuid
 from contextlib import AsyncExitStack
 
 from pushfan.db import create_pool
+from pushfan.health import Health, serving, watch
 from pushfan.kafka import make_producer, start_client
 from pushfan.logs import get_logger
-from pushfan.metrics import Metrics, serving
+from pushfan.metrics import Metrics
 from pushfan.settings import Settings
 from worker.consumer import WorkerConsumer
 from worker.dispatch import Dispatcher
@@ -28,7 +29,7 @@ from worker.handlers import Handlers
 from worker.release import Releaser
 from worker.report import Reporter
 from worker.retry import RetryPolicy
-from worker.senders.factory import build_senders
+from worker.senders.factory import SERVICE, build_senders, traffic_of
 
 log = get_logger("pushfan.worker")
 
@@ -73,10 +74,15 @@ async def run(
     metrics = metrics or Metrics()
     w = settings.worker
     async with AsyncExitStack() as stack:
-        stack.enter_context(serving(metrics, w.metrics_port, "PUSHFAN_WORKER__METRICS_PORT"))
+        health = Health("worker", metrics)
+        port = w.metrics_port
+        stack.enter_context(serving(metrics, port, "PUSHFAN_WORKER__METRICS_PORT", health))
         pool = await create_pool(settings.database)
         stack.push_async_callback(pool.close)
         senders = build_senders(settings, ALL_PLATFORMS)
+        for platform, sender in senders.items():
+            if (traffic := traffic_of(sender)) is not None:
+                metrics.traffic.watch(SERVICE[platform], traffic)
         dispatcher = Dispatcher(
             senders,
             w,
@@ -108,10 +114,16 @@ async def run(
         settle_gc()
         log.info("worker consuming", owner=fanout.owner, group=w.group_id)
         releaser = asyncio.create_task(Releaser(fanout, reporter, metrics).run(stop))
+        health.start()
+        watcher = asyncio.create_task(
+            watch(health, stop, pool=pool, consumer=consumer.consumer, group=w.group_id)
+        )
         try:
             await consumer.run(stop)
         finally:
-            stop.set()
+            stop.set()  # the watcher marks the worker draining, then ends
+            with contextlib.suppress(Exception):
+                await watcher
             # A round in flight finishes within the drain bound; cancelled past it, its
             # transaction rolls back and its deferrals wait for the next round.
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):

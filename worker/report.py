@@ -52,5 +52,7 @@ class Reporter:
             m.child(m.targeted, platform).inc(n)
         for (platform, decision), n in sent.policy.items():
             m.child(m.policy, platform, decision).inc(n)
+        for platform, n in sent.retried.items():
+            m.child(m.retries, platform).inc(n)
         for batch in sent.parked:
             m.child(m.parked, batch.platform).inc(len(batch.tokens))

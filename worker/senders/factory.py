@@ -13,6 +13,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from pushfan.errors import SetupError
+from pushfan.metrics import Traffic
 from pushfan.settings import ApnsSettings, FcmSettings, Settings
 from schemas import Platform
 from worker.senders.apns import ApnsSender, ProviderToken
@@ -182,6 +183,12 @@ SENDERS: dict[tuple[str, str], Callable[[Settings], Sender]] = {
 
 # Which service carries each platform's tokens.
 SERVICE: dict[Platform, str] = {"android": "fcm", "web": "fcm", "ios": "apns"}
+
+
+def traffic_of(sender: Sender) -> Traffic | None:
+    """The lean senders' connection-pool counts (the SDK senders keep none)."""
+    pool = getattr(sender, "pool", None)
+    return pool.traffic if isinstance(pool, H2Pool) else None
 
 
 def build_senders(settings: Settings, platforms: tuple[Platform, ...]) -> dict[Platform, Sender]:

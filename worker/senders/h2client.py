@@ -40,6 +40,7 @@ import hpack.exceptions
 
 from pushfan import http2
 from pushfan.errors import SetupError
+from pushfan.metrics import Traffic
 
 Headers = Sequence[tuple[str, str]]
 
@@ -421,6 +422,7 @@ class H2Pool:
         self.max_reissues = max_reissues
         self.connections: list[_Connection] = []
         self.connects = 0  # connections opened so far (for tests and metrics)
+        self.traffic = Traffic()  # latency, status classes, in flight: read by /metrics
         self._connecting: asyncio.Task[None] | None = None
         self._waiters: deque[tuple[float, asyncio.Future[None]]] = deque()
         self._sweeper: asyncio.Task[None] | None = None
@@ -443,17 +445,31 @@ class H2Pool:
         ``headers`` are indexed in the server's table (they should repeat across
         requests); the path only with ``index_path`` (a constant path)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
-        for _ in range(self.max_reissues + 1):
-            conn = await self._acquire(deadline)
-            future: asyncio.Future[H2Response] = loop.create_future()
-            conn.start(method, self.authority, path, headers, body, future, deadline, index_path)
-            try:
-                return await future
-            except H2Error as exc:
-                if not exc.unprocessed:
-                    raise
-        raise H2Error("not processed after re-issues", retryable=True)
+        started = loop.time()
+        deadline = started + self.timeout_s
+        traffic = self.traffic
+        traffic.in_flight += 1
+        try:
+            for _ in range(self.max_reissues + 1):
+                conn = await self._acquire(deadline)
+                future: asyncio.Future[H2Response] = loop.create_future()
+                conn.start(
+                    method, self.authority, path, headers, body, future, deadline, index_path
+                )
+                try:
+                    response = await future
+                except H2Error as exc:
+                    if not exc.unprocessed:
+                        raise
+                else:
+                    traffic.answered(loop.time() - started, response.status)
+                    return response
+            raise H2Error("not processed after re-issues", retryable=True)
+        except H2Error:
+            traffic.failed()
+            raise
+        finally:
+            traffic.in_flight -= 1
 
     async def _acquire(self, deadline: float) -> _Connection:
         """A connection with a free stream: waits for one rather than queueing on a
