@@ -147,8 +147,7 @@ class Metrics:
         # Provider traffic and consumer progress (every consuming service).
         self.send_seconds = Histogram(
             f"{PREFIX}_worker_send_seconds",
-            "Provider request latency, from the request written to its response read, by"
-            " platform.",
+            "Provider request latency, from the request written to its response read, by platform.",
             ["platform"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
