@@ -268,7 +268,7 @@ def test_every_dashboard_expression_is_valid_promql(tmp_path: Path) -> None:
 
 
 def test_the_checker_finds_wrong_names_and_labels() -> None:
-    """What the two tests below rely on: a misspelt metric, a counter without _total, a
+    """What the tests below rely on: a misspelt metric, a counter without _total, a
     label a metric lacks and a grouping label nothing has are each reported."""
     for right in (
         'sum by (platform) (rate(pushfan_worker_sends_total{outcome="x"}[5m]))',
