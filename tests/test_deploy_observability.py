@@ -31,7 +31,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from pushfan.metrics import Metrics
+from pushfan.metrics import Metrics, Traffic
 from pushfan.settings import RegistrySettings, WorkerSettings, env_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,21 +68,32 @@ class Family:
     help: str
 
 
+def _registry() -> CollectorRegistry:
+    """A fresh :class:`Metrics` registry, with one connection pool's traffic watched: the
+    pools' families (latency, responses, in flight) carry samples only then."""
+    metrics = Metrics()
+    metrics.traffic.watch("x", Traffic())
+    return metrics.registry
+
+
 def _collectors(registry: CollectorRegistry) -> list[MetricWrapperBase]:
-    """The metrics registered on ``registry`` (prometheus_client keeps them privately)."""
-    found = [c for c in registry._collector_to_names if isinstance(c, MetricWrapperBase)]
-    assert len(found) == len(registry._collector_to_names)
-    return found
+    """The plain metrics registered on ``registry`` (prometheus_client keeps them
+    privately); the traffic collector is read through its samples instead."""
+    return [c for c in registry._collector_to_names if isinstance(c, MetricWrapperBase)]
 
 
 @cache
 def families() -> dict[str, Family]:
     """Every metric family :class:`Metrics` defines, by name."""
-    registry = Metrics().registry
+    registry = _registry()
     labels = {m._name: tuple(m._labelnames) for m in _collectors(registry)}
-    return {
-        f.name: Family(f.name, f.type, labels[f.name], f.documentation) for f in registry.collect()
-    }
+    out = {}
+    for f in registry.collect():
+        keys = {k for s in f.samples for k in s.labels if k != "le"}
+        found = labels.get(f.name, tuple(sorted(keys)))
+        out[f.name] = Family(f.name, f.type, found, f.documentation)
+    assert len(out) > len(labels), "the traffic collector's families are missing"
+    return out
 
 
 @cache
@@ -90,7 +101,7 @@ def samples() -> dict[str, frozenset[str]]:
     """Every sample name a scrape of the code's metrics holds (``_total``, ``_created``,
     ``_bucket``, ``_sum``, ``_count`` forms included), with the labels it carries: one
     child of every labelled metric is made so prometheus_client lists its samples."""
-    registry = Metrics().registry
+    registry = _registry()
     for metric in _collectors(registry):
         if metric._labelnames:
             metric.labels(*("x" for _ in metric._labelnames))
