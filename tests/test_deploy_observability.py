@@ -32,7 +32,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 from pushfan.metrics import Metrics, Traffic
-from pushfan.settings import RegistrySettings, WorkerSettings, env_names
+from pushfan.settings import (
+    BridgeSettings,
+    HygieneSettings,
+    RegistrySettings,
+    WorkerSettings,
+    env_names,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -447,7 +453,8 @@ def test_scrape_targets_match_the_services_ports() -> None:
     }
     assert targets["pushfan-worker"] == [f"worker:{WorkerSettings().metrics_port}"]
     assert targets["pushfan-registry"] == [f"registry:{RegistrySettings().port}"]
-    assert targets["pushfan-bridge"] == ["bridge:9103"]
+    assert targets["pushfan-bridge"] == [f"bridge:{BridgeSettings().metrics_port}"]
+    assert targets["pushfan-cleanup"] == [f"cleanup:{HygieneSettings().cleanup_metrics_port}"]
     # PushfanTargetDown watches up{job=~"pushfan-.*"}
     assert all(name.startswith("pushfan-") for name in targets)
 
