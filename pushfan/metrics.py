@@ -136,8 +136,8 @@ class Metrics:
         )
         self.platform_paused = Gauge(
             f"{PREFIX}_worker_platform_paused",
-            "1 while a platform's sending is paused after an outage.",
-            ["platform"],
+            "1 while a service's sending (fcm, apns) is paused after an outage.",
+            ["service"],
             registry=r,
         )
         self.dead_letters = Counter(
@@ -179,8 +179,14 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        for outcome in BRIDGE_OUTCOMES:  # both series exist from the start, at 0
+        # Series that exist from the start, at 0: rate() and increase() see their first
+        # increment (a first dead letter) only if the series was there before it.
+        for outcome in BRIDGE_OUTCOMES:
             self.bridge_events.labels(outcome)
+        for kind in ("decode", "validation"):
+            self.dead_letters.labels(kind)
+        for outcome in ("completed", "split", "duplicate", "expired", "dry_run", "dead_lettered"):
+            self.jobs.labels(outcome)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def child(self, metric: M, *labels: str) -> M:

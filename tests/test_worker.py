@@ -273,15 +273,24 @@ async def test_a_30_second_fcm_outage_mid_broadcast_loses_nothing(
     )
     fast = fast.model_copy(update={"fcm": fast.fcm.model_copy(update={"concurrency": 50})})
     job = make_job({"kind": "segment", "segment": f"seg-{t}"}, type="news")
+    metrics = Metrics()
 
-    async with running_worker(fast):
+    def paused(service: str) -> float | None:
+        labels = {"service": service}
+        return metrics.registry.get_sample_value("pushfan_worker_platform_paused", labels)
+
+    async with running_worker(fast, metrics):
         await publish(fast, job)
         await eventually(lambda: len(emulators.fcm.script.delivered) >= 1_000)
+        assert (paused("fcm"), paused("apns")) == (0, 0)
         emulators.fcm.script.start_outage(30, "UNAVAILABLE")
         before = len(emulators.fcm.script.delivered)
         # Every shard finishes during the outage: FCM's tokens are parked, APNs goes on.
         during = await wait_for_job(db, job.job_id, within=25)
         assert emulators.fcm.script.current_outage() is not None
+        # FCM's sends are paused (between probes), never APNs'.
+        await eventually(lambda: paused("fcm") == 1, within=10)
+        assert paused("apns") == 0
         assert set(emulators.apns.script.delivered) == ios
         assert during.retrying > 0
         assert before < len(android)

@@ -14,6 +14,7 @@ import gc
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 from pushfan.db import create_pool
@@ -26,6 +27,7 @@ from worker.consumer import WorkerConsumer
 from worker.dispatch import Dispatcher
 from worker.fanout import ALL_PLATFORMS, Clock, Fanout, utc_now
 from worker.handlers import Handlers
+from worker.pacing import PlatformGate
 from worker.release import Releaser
 from worker.report import Reporter
 from worker.retry import RetryPolicy
@@ -62,6 +64,11 @@ def settle_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
+def _paused(gate: PlatformGate) -> Callable[[], float]:
+    """The gate's state as the gauge reads it at scrape time: 1 while closed."""
+    return lambda: 1.0 if gate.remaining > 0 else 0.0
+
+
 async def run(
     settings: Settings,
     stop: asyncio.Event,
@@ -91,6 +98,8 @@ async def run(
             in_flight={"fcm": settings.fcm.concurrency, "apns": settings.apns.concurrency},
         )
         stack.push_async_callback(dispatcher.close)
+        for service, gate in dispatcher.gates.items():
+            metrics.child(metrics.platform_paused, service).set_function(_paused(gate))
         producer = make_producer(settings.kafka)
         await start_client(producer, settings.kafka)
         stack.push_async_callback(producer.stop)
