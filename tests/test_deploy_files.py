@@ -257,7 +257,7 @@ def test_compose_worker_is_scalable_and_drains(compose: Doc) -> None:
     assert seconds(worker["stop_grace_period"]) > 2 * settings.worker.drain_timeout_s
     assert url_port_path(worker["healthcheck"]["test"]) == (
         settings.worker.metrics_port,
-        "/metrics",
+        "/readyz",
     )
     # credentials are compose secrets, mounted at /run/secrets/<name>
     secrets = set(worker["secrets"])
@@ -278,13 +278,20 @@ def test_compose_registry_listens_where_it_is_published_and_probed(compose: Doc)
     assert url_port_path(registry["healthcheck"]["test"]) == (settings.registry.port, "/readyz")
 
 
-def test_compose_bridge_serves_and_probes_metrics(compose: Doc) -> None:
+def test_compose_bridge_and_cleanup_probe_their_readiness(compose: Doc) -> None:
     bridge = compose["services"]["bridge"]
     settings = settings_from(service_env(bridge))
     assert settings.bridge.metrics_port != 0
     assert url_port_path(bridge["healthcheck"]["test"]) == (
         settings.bridge.metrics_port,
-        "/metrics",
+        "/readyz",
+    )
+    cleanup = compose["services"]["cleanup"]
+    settings = settings_from(service_env(cleanup))
+    assert settings.hygiene.cleanup_metrics_port != 0
+    assert url_port_path(cleanup["healthcheck"]["test"]) == (
+        settings.hygiene.cleanup_metrics_port,
+        "/readyz",
     )
 
 
@@ -815,26 +822,30 @@ def test_k8s_probes_and_ports_match_the_settings(
         "livenessProbe": (port, "/healthz"),
     }
 
-    # TODO(issue #8): the worker's and the bridge's /healthz and /readyz, on the metrics
-    # port, once they exist; until then the manifests probe /metrics.
+    # The consumers answer /healthz and /readyz on their ops (metrics) ports.
     worker, settings = settings_of("pushfan-worker")
     port = settings.worker.metrics_port
     assert port == DEFAULTS.worker.metrics_port
     assert probes(worker) == {
-        "readinessProbe": (port, "/metrics"),
-        "livenessProbe": (port, "/metrics"),
+        "readinessProbe": (port, "/readyz"),
+        "livenessProbe": (port, "/healthz"),
     }
 
     bridge, settings = settings_of("pushfan-bridge")
     port = settings.bridge.metrics_port
-    assert port != 0, "the bridge's default (0) serves nothing to probe"
+    assert port == DEFAULTS.bridge.metrics_port
     assert probes(bridge) == {
-        "readinessProbe": (port, "/metrics"),
-        "livenessProbe": (port, "/metrics"),
+        "readinessProbe": (port, "/readyz"),
+        "livenessProbe": (port, "/healthz"),
     }
 
-    cleanup, _ = settings_of("pushfan-cleanup")
-    assert probes(cleanup) == {}, "cleanup serves no HTTP to probe (yet)"
+    cleanup, settings = settings_of("pushfan-cleanup")
+    port = settings.hygiene.cleanup_metrics_port
+    assert port == DEFAULTS.hygiene.cleanup_metrics_port
+    assert probes(cleanup) == {
+        "readinessProbe": (port, "/readyz"),
+        "livenessProbe": (port, "/healthz"),
+    }
 
     service = find(objects, "Service", "pushfan-registry")
     labels = find(objects, "Deployment", "pushfan-registry")["spec"]["template"]["metadata"]
