@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -12,6 +12,7 @@ import uvicorn
 from pushfan.db import create_pool
 from pushfan.metrics import Metrics
 from pushfan.settings import Settings
+from pushfan.signals import stop_on_signals
 from registry.api import RegistryApp
 
 
@@ -20,6 +21,15 @@ class Served:
     url: str
     stopped: asyncio.Task[None]  # ends when uvicorn has shut down
     app: RegistryApp
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal capture: it would re-raise SIGTERM after shutting down,
+    past the pool's close (our caller stops it on the signal instead)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 @contextlib.asynccontextmanager
@@ -47,7 +57,7 @@ async def running(
         log_config=None,
         timeout_graceful_shutdown=10,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:
@@ -70,6 +80,7 @@ async def running(
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT: in-flight requests finish, then the pool closes."""
+    stop = stop_on_signals()
     async with running(settings) as served:
         url = served.url
         print(
@@ -77,4 +88,6 @@ async def serve(settings: Settings) -> None:
             f" OpenAPI: {url}/openapi.json)",
             flush=True,
         )
-        await served.stopped
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopping, served.stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -13,6 +14,7 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from pushfan.stack import free_port
 from schemas import NotificationJob
 from worker import ledger
 from worker.audience import Shard
@@ -226,3 +228,31 @@ async def test_status_shows_a_broadcasts_progress_and_counts(
     missing = pushfan("status", "no-such-job", env=service_env)
     assert missing.returncode == 1
     assert "no job 'no-such-job'" in missing.stderr
+
+
+def test_the_registry_stops_cleanly_on_sigterm(service_env: dict[str, str]) -> None:
+    env = {
+        **service_env,
+        "PUSHFAN_REGISTRY__PORT": str(free_port()),
+        "PUSHFAN_REGISTRY__JWT_SECRET": "a-test-secret-of-thirty-two-bytes!",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pushfan.cli", "registry"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("pushfan registry serving on http://"), line
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    # uvicorn used to re-raise SIGTERM after its shutdown: exit 143, a traceback, and
+    # the database pool never closed.
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert "never retrieved" not in stderr
