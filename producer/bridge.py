@@ -26,7 +26,6 @@ or integers), optional ``carrier`` and http(s) ``tracking_url``, other fields ig
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -40,7 +39,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from producer.jobs import InvalidJob, build_job, job_key
-from pushfan.health import Health, serving, watch
+from pushfan.health import Health, serving, watching
 from pushfan.kafka import make_consumer, make_producer, start_client
 from pushfan.logs import get_logger
 from pushfan.metrics import Metrics
@@ -286,15 +285,11 @@ async def run(
     with serving(metrics, port, "PUSHFAN_BRIDGE__METRICS_PORT", health):
         bridge = OrdersShippedBridge(settings, metrics, consumer_options=consumer_options)
         exists = await bridge.start()
-        health.start()
-        group = settings.bridge.group_id
-        watcher = asyncio.create_task(watch(health, stop, consumer=bridge.consumer, group=group))
         try:
-            if on_start is not None:
-                on_start(exists)
-            await bridge.run(stop)
+            group = settings.bridge.group_id
+            async with watching(health, stop, consumer=bridge.consumer, group=group):
+                if on_start is not None:
+                    on_start(exists)
+                await bridge.run(stop)
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
             await bridge.close()

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -183,6 +183,26 @@ async def watch(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
     health.drain()
+
+
+@contextlib.asynccontextmanager
+async def watching(
+    health: Health,
+    stop: asyncio.Event,
+    *,
+    pool: asyncpg.Pool | None = None,
+    consumer: AIOKafkaConsumer | None = None,
+    group: str = "",
+) -> AsyncIterator[None]:
+    """The service has started: :func:`watch` it while the block runs."""
+    health.start()
+    task = asyncio.create_task(watch(health, stop, pool=pool, consumer=consumer, group=group))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _lag(

@@ -25,7 +25,6 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,7 +34,7 @@ import pydantic
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from pushfan.health import Health, serving, watch
+from pushfan.health import Health, serving, watching
 from pushfan.kafka import make_consumer, start_client
 from pushfan.logs import get_logger
 from pushfan.metrics import Metrics
@@ -280,14 +279,8 @@ async def run(
             lanes=settings.hygiene.cleanup_lanes,
         )
         await cleanup.start()
-        health.start()
-        watcher = asyncio.create_task(
-            watch(health, stop, pool=pool, consumer=cleanup.consumer, group=GROUP_ID)
-        )
         try:
-            await cleanup.run(stop)
+            async with watching(health, stop, pool=pool, consumer=cleanup.consumer, group=GROUP_ID):
+                await cleanup.run(stop)
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
             await cleanup.close()

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 from pushfan.db import create_pool
-from pushfan.health import Health, serving, watch
+from pushfan.health import Health, serving, watching
 from pushfan.kafka import make_producer, start_client
 from pushfan.logs import get_logger
 from pushfan.metrics import Metrics
@@ -123,16 +123,13 @@ async def run(
         settle_gc()
         log.info("worker consuming", owner=fanout.owner, group=w.group_id)
         releaser = asyncio.create_task(Releaser(fanout, reporter, metrics).run(stop))
-        health.start()
-        watcher = asyncio.create_task(
-            watch(health, stop, pool=pool, consumer=consumer.consumer, group=w.group_id)
-        )
         try:
-            await consumer.run(stop)
+            async with watching(
+                health, stop, pool=pool, consumer=consumer.consumer, group=w.group_id
+            ):
+                await consumer.run(stop)  # on stop, the watcher marks the worker draining
         finally:
-            stop.set()  # the watcher marks the worker draining, then ends
-            with contextlib.suppress(Exception):
-                await watcher
+            stop.set()
             # A round in flight finishes within the drain bound; cancelled past it, its
             # transaction rolls back and its deferrals wait for the next round.
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
