@@ -202,6 +202,7 @@ class Metrics:
 
 
 STATUS_CLASSES = ("2xx", "4xx", "429", "5xx", "error")
+_bucket = bisect.bisect_left
 
 
 class Traffic:
@@ -218,10 +219,14 @@ class Traffic:
         self.in_flight = 0
 
     def answered(self, seconds: float, status: int) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.counts[_bucket(LATENCY_BUCKETS, seconds)] += 1
         self.seconds += seconds
-        key = "429" if status == 429 else f"{status // 100}xx"
-        self.classes[key] = self.classes.get(key, 0) + 1
+        classes = self.classes
+        if 200 <= status < 300:  # nearly every answer: no string built
+            classes["2xx"] += 1
+        else:
+            key = "429" if status == 429 else f"{status // 100}xx"
+            classes[key] = classes.get(key, 0) + 1
 
     def failed(self) -> None:
         """No response: the deadline passed or the connection was lost."""
