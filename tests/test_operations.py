@@ -8,7 +8,6 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -22,6 +21,7 @@ from pushfan.stack import free_port
 from tests.worker_harness import (
     add_tokens,
     apns_token,
+    eventually,
     fcm_token,
     make_job,
     own_topics,
@@ -54,12 +54,6 @@ async def scrape(port: int) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-async def until(check: Callable[[], Awaitable[bool]], within: float = 30) -> None:
-    async with asyncio.timeout(within):
-        while not await check():  # noqa: ASYNC110 (polling another process's state)
-            await asyncio.sleep(0.2)
 
 
 @pytest.fixture
@@ -101,7 +95,7 @@ async def test_a_running_workers_metrics_move_with_its_work(
                 return False
             return status == 200
 
-        await until(ready)
+        await eventually(ready)
         status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/healthz")
         assert (status, json.loads(body)) == (200, {"status": "ok"})
         before = await scrape(port)
@@ -121,7 +115,7 @@ async def test_a_running_workers_metrics_move_with_its_work(
             ]
             return bool(lags) and bool(mine) and max(mine) == 0
 
-        await until(lag_settled)  # committed: nothing behind on the jobs topic
+        await eventually(lag_settled)  # committed: nothing behind on the jobs topic
         after = await scrape(port)
         status, _ = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/nothing")
         assert status == 404
