@@ -18,7 +18,8 @@ import pytest
 from pushfan import http2
 from pushfan.emulators.credentials import Credentials, ensure_credentials
 from pushfan.errors import SetupError
-from worker.senders.h2client import H2Error, H2Pool
+from worker.senders.exchange import H2Error
+from worker.senders.h2client import H2Pool
 
 Frame = tuple[int, int, int, bytes]
 

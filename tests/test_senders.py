@@ -328,6 +328,7 @@ async def test_goaway_mid_burst_loses_nothing_and_repeats_nothing(
 
     assert all(o.kind is OutcomeKind.DELIVERED for o in outcomes)
     assert server.emulator.script.delivered == dict.fromkeys(tokens, 1)  # type: ignore[attr-defined]
+    assert isinstance(sender.pool, H2Pool)
     assert sender.pool.connects > 5
 
 

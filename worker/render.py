@@ -8,6 +8,7 @@ formats: FCM HTTP v1 ``projects.messages`` and APNs' ``aps`` dictionary with hea
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -74,6 +75,12 @@ def fcm_body(message: Message, token: str) -> bytes:
     return message.body.replace(TOKEN_SLOT, token.encode(), 1)
 
 
+def fcm_bodies(message: Message, tokens: Sequence[str]) -> list[bytes]:
+    """:func:`fcm_body` for each of ``tokens``: the body is cut at its slot once."""
+    head, _, tail = message.body.partition(TOKEN_SLOT)
+    return [b"".join((head, t.encode(), tail)) for t in tokens]
+
+
 def render_apns(job: NotificationJob, *, topic: str) -> Message:
     """The APNs payload and headers for ``job`` (the token goes in the path)."""
     p = job.payload
@@ -130,4 +137,4 @@ def seconds_left(expires_at: datetime | None, now: datetime | None = None) -> in
     return max(0, int((expires_at - start).total_seconds()))
 
 
-__all__ = ["fcm_body", "render_apns", "render_fcm", "seconds_left"]
+__all__ = ["fcm_bodies", "fcm_body", "render_apns", "render_fcm", "seconds_left"]

@@ -10,7 +10,6 @@ a per-token QUOTA outcome, and only that token is retried.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -19,9 +18,9 @@ import jwt
 
 from schemas import Platform
 from worker.senders.apns_codes import SUSPECT_TOKEN_REASONS, classify
-from worker.senders.base import Message, Outcome, OutcomeKind, retry_after_seconds
+from worker.senders.base import Message, Outcome, outcomes_of, retry_after_seconds
 from worker.senders.breaker import ConfigBreaker, send_batch
-from worker.senders.h2client import H2Error, H2Pool
+from worker.senders.exchange import Exchange, H2Response
 
 MIN_REFRESH_S = 20 * 60
 MAX_REFRESH_S = 50 * 60
@@ -73,21 +72,19 @@ class ProviderToken:
 
 
 class ApnsSender:
-    """The lean APNs sender (platform ``ios``)."""
+    """The lean APNs sender (platform ``ios``): a batch is one ``send_many`` call."""
 
     platform: Platform = "ios"
 
     def __init__(
         self,
-        pool: H2Pool,
+        pool: Exchange,
         provider_token: ProviderToken,
         *,
-        concurrency: int = 1000,
         breaker: ConfigBreaker | None = None,
     ) -> None:
         self.pool = pool
         self.provider_token = provider_token
-        self.semaphore = asyncio.Semaphore(concurrency)
         self.breaker = breaker or ConfigBreaker()
         self.last_config_error: str | None = None
 
@@ -98,9 +95,15 @@ class ApnsSender:
         async def renew() -> str:
             return self.provider_token.renew()
 
+        async def many(batch: Sequence[str], bearer: str) -> list[Outcome]:
+            headers = (("authorization", f"bearer {bearer}"), *message.headers)
+            paths = ["/3/device/" + t for t in batch]
+            replies = await self.pool.send_many("POST", paths, headers, message.body)
+            return outcomes_of(replies, _answered)
+
         outcomes, config = await send_batch(
             tokens,
-            lambda token, bearer: self._one(token, message, bearer),
+            many,
             credential=current,
             renew_on="ExpiredProviderToken",
             renew=renew,
@@ -110,30 +113,21 @@ class ApnsSender:
         self.last_config_error = config or self.last_config_error
         return outcomes
 
-    async def _one(self, token: str, message: Message, bearer: str) -> Outcome:
-        headers = (("authorization", f"bearer {bearer}"), *message.headers)
-        async with self.semaphore:
-            try:
-                response = await self.pool.request(
-                    "POST", f"/3/device/{token}", headers, message.body
-                )
-            except H2Error as exc:
-                return Outcome(OutcomeKind.RETRY, exc.reason.split(" ", 1)[0])
-        if response.status == 200:
-            return classify(200, "")
-        reason, timestamp = "", None
-        try:
-            body = json.loads(response.body)
-            reason = str(body.get("reason", ""))
-            timestamp = int(body["timestamp"]) if "timestamp" in body else None
-        except (ValueError, TypeError, AttributeError):
-            pass
-        return classify(
-            response.status,
-            reason,
-            timestamp_ms=timestamp,
-            retry_after=retry_after_seconds(response.headers),
-        )
-
     async def close(self) -> None:
         await self.pool.close()
+
+
+def _answered(response: H2Response) -> Outcome:
+    reason, timestamp = "", None
+    try:
+        body = json.loads(response.body)
+        reason = str(body.get("reason", ""))
+        timestamp = int(body["timestamp"]) if "timestamp" in body else None
+    except (ValueError, TypeError, AttributeError):
+        pass
+    return classify(
+        response.status,
+        reason,
+        timestamp_ms=timestamp,
+        retry_after=retry_after_seconds(response.headers),
+    )

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal, Protocol
 
 from schemas import Payload, Platform
+from worker.senders.exchange import H2Response, Replies
 
 Priority = Literal["urgent", "normal", "low"]
 
@@ -101,6 +102,17 @@ class Sender(Protocol):
     async def close(self) -> None:
         """Finish in-flight requests and close connections."""
         ...
+
+
+def outcomes_of(replies: Replies, answered: Callable[[H2Response], Outcome]) -> list[Outcome]:
+    """One outcome per request of a batch: 2xx delivered, another answer as ``answered``
+    classifies it, no answer a retry named by the failure (``TIMEOUT``, ``GOAWAY``...)."""
+    outcomes = [DELIVERED] * len(replies.status)
+    for i, response in replies.answers.items():
+        outcomes[i] = answered(response)
+    for i, error in replies.errors.items():
+        outcomes[i] = Outcome(OutcomeKind.RETRY, error.reason.split(" ", 1)[0])
+    return outcomes
 
 
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:

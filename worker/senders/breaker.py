@@ -13,7 +13,6 @@ Two guards, shared by every sender:
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -78,7 +77,7 @@ class ConfigBreaker:
 
 async def send_batch(
     tokens: Sequence[str],
-    one: Callable[[str, str], Awaitable[Outcome]],
+    many: Callable[[Sequence[str], str], Awaitable[list[Outcome]]],
     *,
     credential: Callable[[], Awaitable[str]],
     renew_on: str,
@@ -88,20 +87,18 @@ async def send_batch(
 ) -> tuple[list[Outcome], str | None]:
     """The batch step every sender shares.
 
-    Send to every token with ``await credential()`` (``one(token, credential)``), unless
-    the breaker is open; tokens answered
-    ``renew_on`` (our credential expired or was revoked early) are re-sent once with a
-    renewed one; then :func:`guard_batch`, tripping ``breaker`` on a configuration error.
-    Returns the outcomes and the configuration error's reason, if any.
+    Send to every token with ``await credential()`` (``many(tokens, credential)``, one
+    outcome per token), unless the breaker is open; tokens answered ``renew_on`` (our
+    credential expired or was revoked early) are re-sent once with a renewed one; then
+    :func:`guard_batch`, tripping ``breaker`` on a configuration error. Returns the
+    outcomes and the configuration error's reason, if any.
     """
     if breaker.is_open:
         return breaker.refuse(len(tokens)), breaker.reason
-    current = await credential()
-    outcomes = list(await asyncio.gather(*(one(t, current) for t in tokens)))
+    outcomes = await many(tokens, await credential())
     again = [i for i, o in enumerate(outcomes) if o.reason == renew_on]
     if again:
-        fresh = await renew()
-        redo = await asyncio.gather(*(one(tokens[i], fresh) for i in again))
+        redo = await many([tokens[i] for i in again], await renew())
         for i, outcome in zip(again, redo, strict=True):
             outcomes[i] = outcome
     outcomes, config = guard_batch(outcomes, suspects)

@@ -52,6 +52,7 @@ def _pool(s: FcmSettings | ApnsSettings) -> H2Pool:
         port,
         ssl_context=_tls(s.ca_file),
         max_connections=s.max_connections,
+        max_in_flight=s.concurrency,
         timeout_s=s.timeout_s,
     )
 
@@ -85,7 +86,7 @@ def lean_fcm(settings: Settings) -> Sender:
     pool = _pool(s)
     creds, project, refreshable = _fcm_credentials(s)
     source = TokenSource(creds, refreshable=refreshable, ca_file=s.ca_file)
-    return FcmSender(pool, project, source, concurrency=s.concurrency)
+    return FcmSender(pool, project, source)
 
 
 def _apns_key(s: ApnsSettings) -> tuple[str, str, str, str]:
@@ -113,7 +114,7 @@ def lean_apns(settings: Settings) -> Sender:
         token.current()  # a key that cannot sign is a setup error, found now
     except Exception as exc:
         raise SetupError(f"the APNs key cannot sign ES256 tokens: {exc}") from exc
-    return ApnsSender(pool, token, concurrency=s.concurrency)
+    return ApnsSender(pool, token)
 
 
 FCM_ORIGIN = ("fcm.googleapis.com", 443)

@@ -1,7 +1,8 @@
 """FCM HTTP v1 sender: one POST per token over a pooled HTTP/2 connection.
 
 firebase-admin's async path costs ~2 ms a message here (httpx), so this sender speaks
-HTTP/2 itself (:mod:`worker.senders.h2client`) and keeps google-auth only for the OAuth2
+HTTP/2 itself (an :class:`~worker.senders.exchange.Exchange`, the lean
+:mod:`worker.senders.h2client` by default) and keeps google-auth only for the OAuth2
 access token. The body is rendered once per job; each request splices its token in.
 
 Access tokens: cached, and refreshed in a worker thread (google-auth's refresh blocks on
@@ -19,11 +20,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from schemas import Platform
-from worker.render import fcm_body
-from worker.senders.base import Message, Outcome, OutcomeKind, retry_after_seconds
+from worker.render import fcm_bodies
+from worker.senders.base import Message, Outcome, outcomes_of, retry_after_seconds
 from worker.senders.breaker import ConfigBreaker, send_batch
+from worker.senders.exchange import Exchange, H2Response
 from worker.senders.fcm_codes import SUSPECT_TOKEN_CODES, classify_response
-from worker.senders.h2client import H2Error, H2Pool
 
 REFRESH_MARGIN = dt.timedelta(minutes=5)
 
@@ -109,23 +110,24 @@ class TokenSource:
 
 
 class FcmSender:
-    """The lean FCM sender (platform ``android``; web tokens go through FCM too)."""
+    """The lean FCM sender (platform ``android``; web tokens go through FCM too).
+
+    A batch goes to the pool as one :meth:`~worker.senders.exchange.Exchange.send_many`
+    call: no task or future per token; the pool bounds the requests in flight."""
 
     platform: Platform = "android"
 
     def __init__(
         self,
-        pool: H2Pool,
+        pool: Exchange,
         project_id: str,
         tokens: TokenSource,
         *,
-        concurrency: int = 1000,
         breaker: ConfigBreaker | None = None,
     ) -> None:
         self.pool = pool
         self.path = f"/v1/projects/{project_id}/messages:send"
         self.tokens = tokens
-        self.semaphore = asyncio.Semaphore(concurrency)
         self.breaker = breaker or ConfigBreaker()
         self.last_config_error: str | None = None
 
@@ -134,9 +136,15 @@ class FcmSender:
             # The token may have been revoked before its expiry: refresh once.
             return await self.tokens.token(force=True)
 
+        async def many(batch: Sequence[str], bearer: str) -> list[Outcome]:
+            headers = (("authorization", f"Bearer {bearer}"), *message.headers)
+            bodies = fcm_bodies(message, batch)
+            replies = await self.pool.send_many("POST", self.path, headers, bodies)
+            return outcomes_of(replies, _answered)
+
         outcomes, config = await send_batch(
             tokens,
-            lambda token, bearer: self._one(token, message, bearer),
+            many,
             credential=self.tokens.token,
             renew_on="UNAUTHENTICATED",
             renew=renew,
@@ -146,22 +154,13 @@ class FcmSender:
         self.last_config_error = config or self.last_config_error
         return outcomes
 
-    async def _one(self, token: str, message: Message, bearer: str) -> Outcome:
-        headers = (("authorization", f"Bearer {bearer}"), *message.headers)
-        async with self.semaphore:
-            try:
-                response = await self.pool.request(
-                    "POST", self.path, headers, fcm_body(message, token), index_path=True
-                )
-            except H2Error as exc:
-                return Outcome(OutcomeKind.RETRY, exc.reason.split(" ", 1)[0])
-        if response.status == 200:
-            return classify_response(200, None, None)
-        try:
-            body: object = json.loads(response.body)
-        except ValueError:
-            body = None
-        return classify_response(response.status, body, retry_after_seconds(response.headers))
-
     async def close(self) -> None:
         await self.pool.close()
+
+
+def _answered(response: H2Response) -> Outcome:
+    try:
+        body: object = json.loads(response.body)
+    except ValueError:
+        body = None
+    return classify_response(response.status, body, retry_after_seconds(response.headers))

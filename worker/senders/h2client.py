@@ -41,8 +41,7 @@ import hpack.exceptions
 from pushfan import http2
 from pushfan.errors import SetupError
 from pushfan.metrics import Traffic
-
-Headers = Sequence[tuple[str, str]]
+from worker.senders.exchange import H2Error, H2Response, Headers, Replies, batch_size
 
 _UNIQUE_PATH = frozenset({":path"})
 
@@ -50,21 +49,6 @@ _UNIQUE_PATH = frozenset({":path"})
 #: responses never wait on us; acknowledged once half is consumed.
 STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 1 << 24
-
-
-class H2Error(Exception):
-    def __init__(self, reason: str, *, retryable: bool, unprocessed: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retryable = retryable
-        self.unprocessed = unprocessed  # the server never saw it: safe to re-issue
-
-
-@dataclass(slots=True)
-class H2Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes
 
 
 @dataclass(slots=True)
@@ -398,6 +382,7 @@ class H2Pool:
         server_hostname: str | None = None,
         max_connections: int = 4,
         max_streams: int = 100,
+        max_in_flight: int | None = None,
         timeout_s: float = 10.0,
         connect_timeout_s: float = 10.0,
         reconnect_backoff_s: float = 1.0,
@@ -413,6 +398,7 @@ class H2Pool:
         # Our own cap below the server's: FCM allows 100 streams a connection, and a
         # connection lost mid-flight puts fewer requests in doubt.
         self.max_streams = max_streams
+        self._in_flight = asyncio.Semaphore(max_in_flight or max_connections * max_streams)
         self.encoder = http2.HeaderEncoder()  # shared: its blocks depend on no connection
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -444,6 +430,12 @@ class H2Pool:
 
         ``headers`` are indexed in the server's table (they should repeat across
         requests); the path only with ``index_path`` (a constant path)."""
+        async with self._in_flight:
+            return await self._request(method, path, headers, body, index_path)
+
+    async def _request(
+        self, method: str, path: str, headers: Headers, body: bytes, index_path: bool
+    ) -> H2Response:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self.timeout_s
@@ -470,6 +462,42 @@ class H2Pool:
             raise
         finally:
             traffic.in_flight -= 1
+
+    async def send_many(
+        self,
+        method: str,
+        paths: str | Sequence[str],
+        headers: Headers,
+        bodies: bytes | Sequence[bytes],
+    ) -> Replies:
+        """Many requests at once, one reply each, in order; never raises :class:`H2Error`
+        (a request's failure is in :attr:`Replies.errors`), only
+        :class:`~pushfan.errors.SetupError`.
+
+        ``paths`` and ``bodies`` are each one value shared by every request or one per
+        request; at least one of them is a sequence, and their lengths agree. A shared
+        path is indexed in the server's table, per-request paths never are. ``headers``
+        are the same for every request.
+        """
+        count = batch_size(paths, bodies)
+        replies = Replies([0] * count)
+
+        async def one(i: int) -> None:
+            path = paths if isinstance(paths, str) else paths[i]
+            body = bodies if isinstance(bodies, bytes) else bodies[i]
+            try:
+                response = await self.request(
+                    method, path, headers, body, index_path=isinstance(paths, str)
+                )
+            except H2Error as exc:
+                replies.errors[i] = exc
+                return
+            replies.status[i] = response.status
+            if not 200 <= response.status < 300:
+                replies.answers[i] = response
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+        return replies
 
     async def _acquire(self, deadline: float) -> _Connection:
         """A connection with a free stream: waits for one rather than queueing on a
