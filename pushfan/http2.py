@@ -226,9 +226,14 @@ class IndexingEncoder:
     our back: when the next block's new fields would not fit, the block starts by
     emptying the table (size updates to 0 and back). Blocks must reach the peer in the
     order they were made.
+
+    ``generation`` changes whenever a block changed the peer's table (or owed it a size
+    update): a block made for the same fields in the same generation has the same bytes,
+    so callers may reuse it until the generation moves.
     """
 
     def __init__(self, literals: HeaderEncoder, table_size: int = 4096) -> None:
+        self.generation = 0
         self.literals = literals
         self.max_size = 4096  # every HPACK table starts so (RFC 9113 6.5.2)
         self._size = 0
@@ -257,8 +262,12 @@ class IndexingEncoder:
         new -= _STATIC_EXACT_STR
         if new and self._size + sum(len(n) + len(v) + 32 for n, v in new) > self.max_size:
             self._reset()
-        parts = [self._prefix] if self._prefix else []
-        self._prefix = b""
+        if self._prefix:
+            parts = [self._prefix]
+            self._prefix = b""
+            self.generation += 1
+        else:
+            parts = []
         for name, value in fields:
             if name in unique:  # never repeats: not worth a cache entry either
                 parts.append(encode_field(name.encode("latin-1"), value.encode("latin-1")))
@@ -280,7 +289,18 @@ class IndexingEncoder:
             entries[name, value] = self._count
             self._count += 1
             self._size += size
+            self.generation += 1
         return b"".join(parts)
+
+
+def path_field(path: bytes) -> bytes:
+    """``:path`` as a never-indexed literal with the static table's name (a path that
+    never repeats, such as APNs' ``/3/device/<token>``): what :func:`encode_field` gives,
+    without its lookups."""
+    size = len(path)
+    if size < 127:
+        return b"\x04" + bytes((size,)) + path
+    return b"\x04" + _integer(size, 7, 0) + path
 
 
 def data_frames(
@@ -314,6 +334,37 @@ def header_frames(
     return frames
 
 
+# indexed static fields (RFC 7541 appendix A, entries 8-14) by their one-byte encoding
+_STATIC_STATUS = {0x80 | i: int(HeaderTable.STATIC_TABLE[i - 1][1]) for i in range(8, 15)}
+
+
+def _skip_integer(block: bytes, offset: int, mask: int) -> int:
+    """Past an HPACK integer whose prefix is ``mask`` in ``block[offset]``."""
+    if block[offset] & mask != mask:
+        return offset + 1
+    offset += 1
+    while block[offset] & 0x80:
+        offset += 1
+    return offset + 1
+
+
+def _skip_string(block: bytes, offset: int) -> int:
+    """Past an HPACK string literal (Huffman-coded or not) starting at ``offset``."""
+    first = block[offset]
+    size = first & 0x7F
+    offset += 1
+    if size == 0x7F:
+        size, shift = 0x7F, 0
+        while True:
+            byte = block[offset]
+            offset += 1
+            size += (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+    return offset + size
+
+
 class HeaderDecoder:
     """An ``hpack.Decoder`` plus a cache of blocks that did not change the dynamic table.
 
@@ -343,6 +394,38 @@ class HeaderDecoder:
         table = self.decoder.header_table
         entries = table.dynamic_entries
         return table.maxsize, entries[0] if entries else None
+
+    def status(self, block: bytes) -> int:
+        """The block's ``:status`` without decoding it, where that is safe: the status
+        is an indexed static entry (``:status 200``, ``204``...) and nothing in the
+        block changes the dynamic table (no incremental indexing, no size update), so
+        skipping it leaves the table in step. 0: the block must go to :meth:`decode`.
+
+        A client that keeps nothing of a 2xx answer but its status (an APNs 200 carries
+        a fresh ``apns-id`` every time, so it is never the same block twice) saves
+        hpack's ~10 us a block. Indexes and string lengths are not validated here."""
+        if not block:
+            return 0
+        status = _STATIC_STATUS.get(block[0], 0)
+        if not status:
+            return 0
+        offset, end = 1, len(block)
+        try:
+            while offset < end:
+                first = block[offset]
+                if first & 0x80:  # indexed field
+                    offset = _skip_integer(block, offset, 0x7F)
+                elif first & 0xE0:  # with incremental indexing, or a table size update
+                    return 0
+                else:  # literal without indexing or never indexed: skip name and value
+                    if first & 0x0F == 0:
+                        offset = _skip_string(block, offset + 1)
+                    else:
+                        offset = _skip_integer(block, offset, 0x0F)
+                    offset = _skip_string(block, offset)
+        except IndexError:
+            return 0  # truncated: let the decoder say what is wrong
+        return status if offset == end else 0
 
     def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         """The block's fields; raises ``hpack.exceptions.HPACKError`` if malformed."""

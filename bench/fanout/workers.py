@@ -92,6 +92,10 @@ def start_worker(settings: Settings, name: str, cpus: Cpus, logdir: Path) -> Wor
     worker = settings.worker.model_copy(update={"metrics_port": port})
     env = subprocess_env(settings.model_copy(update={"worker": worker}))
     cmd = [sys.executable, "-m", "pushfan.cli", "worker"]
+    profile_dir = os.environ.get("BENCH_PROFILE_DIR")
+    if profile_dir:
+        out = Path(profile_dir) / f"{name.replace(' ', '-').replace(':', '')}.prof"
+        cmd[1:1] = ["-m", "cProfile", "-o", str(out)]
     if shutil.which("taskset"):
         # taskset execs the worker: the pid is the worker's
         cmd = ["taskset", "-c", ",".join(map(str, cpus)), *cmd]
