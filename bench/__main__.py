@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ import asyncpg
 from bench.cleanup import bench_cleanup
 from bench.fanout import LatencyBound
 from bench.fanout import run as bench_fanout
+from bench.nghttpd import NGHTTPD
 from bench.registry import run as bench_registry
 from bench.senders import run as bench_senders
 from pushfan.db import migrate
@@ -55,6 +57,13 @@ def _job(i: int) -> NotificationJob:
             "expires_at": now + timedelta(hours=1),
         }
     )
+
+
+def _nghttpd_found() -> bool:
+    if shutil.which(NGHTTPD) or shutil.which(NGHTTPD, path="/usr/sbin:/sbin"):
+        return True
+    print("fanout one core: skipped, nghttpd not found (Debian's nghttp2-server)")
+    return False
 
 
 def _rate(n: int, seconds: float) -> str:
@@ -237,6 +246,13 @@ def main() -> None:
         help="fanout: users in the delivery policy's cost phase (at most --users; 0: skip it)",
     )
     parser.add_argument(
+        "--core-users",
+        type=int,
+        default=50_000,
+        help="fanout: users (2 tokens each) in the one-core phase against nghttpd, issue"
+        " #9's figure (at most --users; 0: skip it)",
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
         choices=STAGES,
@@ -276,6 +292,7 @@ def main() -> None:
                 big=args.big,
                 latency=latency,
                 policy_users=args.policy_users,
+                core_users=args.core_users if _nghttpd_found() else 0,
             )
     finally:
         stack.close()

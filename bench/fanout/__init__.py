@@ -41,12 +41,19 @@ rest: no placement gives them a core each on two cores.
    target of 1.7x, both rates, the workers' cores and each cpu's busy share, which must
    stay well under 100% for the ratio to speak of the workers rather than the machine.
    The emulators are reset afterwards.
-5. **The delivery policy's cost** (``--policy-users``, default 60,000; 0 skips it): one
+5. **One core** (``--core-users``, default 50,000; 0 skips it; issue #9): one worker
+   alone on its core against ``nghttpd`` (``bench/nghttpd.py``: a C server answering
+   every send with a canned 200, on the other core with PostgreSQL and the broker), on
+   the first users, with the lean senders and then the ``h2``-library reference in the
+   same run: tokens/s, the worker's CPU per token and what one core would carry at that
+   cost, against the target of 50,000 tokens/s. nghttpd keeps no log, so the ledger's
+   counts are the check there.
+6. **The delivery policy's cost** (``--policy-users``, default 60,000; 0 skips it): one
    worker, four broadcasts to the first users, alternately without preferences and with
    quiet hours for 30% of them, in several zones, which they are all outside of now
    (``bench/fanout/policy.py``): every token is still sent, so the rate lost is what
    the policy costs, against issue #6's target of under 10%.
-6. With ``--big``: one worker, 1,000,000 users (a database of its own), for peak RSS.
+7. With ``--big``: one worker, 1,000,000 users (a database of its own), for peak RSS.
 
 Before each broadcast ``last_delivered_at`` is cleared and the table vacuumed, so every
 broadcast writes the same rows (the report stage marks tokens delivered at most once a
@@ -66,7 +73,13 @@ from pathlib import Path
 
 from bench.cpu import find_postmaster, pin_tree
 from bench.fanout.cpus import Placement, pin_threads, placement, tansu_pid
-from bench.fanout.phases import LatencyBound, big_broadcast, broadcasts, latency_bound
+from bench.fanout.phases import (
+    LatencyBound,
+    big_broadcast,
+    broadcasts,
+    latency_bound,
+    one_core,
+)
 from bench.fanout.policy import policy_cost
 from bench.senders import EmulatorProcess, start_emulator_process
 from pushfan.db import migrate
@@ -87,8 +100,11 @@ async def _bench(
     logdir: Path,
     latency: LatencyBound | None,
     policy_users: int,
+    core_users: int,
 ) -> None:
     one, base = await broadcasts(settings, url, em, users, sends, where, logdir)
+    if core_users:
+        await one_core(settings, url, em, core_users, where, logdir)
     if latency is not None:
         await latency_bound(settings, url, em, latency, where, logdir)
     if policy_users:
@@ -106,14 +122,18 @@ def run(
     big: bool = False,
     latency: LatencyBound | None = None,
     policy_users: int = 0,
+    core_users: int = 0,
 ) -> None:
     """The fanout benchmark on ``stack``'s broker, in fresh databases on its server;
     with ``latency``, the latency-bound comparison too (its users at most ``users``);
-    with ``policy_users``, the delivery policy's cost on that many users (at most
+    with ``core_users``, issue #9's one-core figure against nghttpd on that many users
+    (at most ``users``); with ``policy_users``, the delivery policy's cost on that many
+    users (at most
     ``users``)."""
     if latency is not None:
         latency = replace(latency, users=min(latency.users, users))
     policy_users = min(policy_users, users)
+    core_users = min(core_users, users)
     url = stack.database.create_sibling("pushfan_bench_fanout")
     big_url = stack.database.create_sibling("pushfan_bench_big") if big else None
     asyncio.run(migrate(url))
@@ -138,7 +158,19 @@ def run(
                 pin_threads(broker, {where.rest})
             os.sched_setaffinity(0, {where.rest})
         asyncio.run(
-            _bench(settings, url, big_url, em, users, sends, where, logdir, latency, policy_users)
+            _bench(
+                settings,
+                url,
+                big_url,
+                em,
+                users,
+                sends,
+                where,
+                logdir,
+                latency,
+                policy_users,
+                core_users,
+            )
         )
     finally:
         os.sched_setaffinity(0, everywhere)

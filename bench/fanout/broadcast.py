@@ -21,31 +21,61 @@ from bench.fanout.metrics import Samples, minus, plus, scrape, summed
 from bench.fanout.seed import fresh_state
 from bench.fanout.workers import WorkerProcess, start_worker
 from bench.senders import EmulatorProcess
+from pushfan.emulators.credentials import Credentials
 from pushfan.emulators.runner import DEFAULT_APNS_TOPIC, point_at
 from pushfan.kafka import ensure_topics, make_producer, start_client
 from pushfan.settings import Settings, TopicSettings
 from worker import status as job_status
 
 
+@dataclass(frozen=True)
+class Server:
+    """What a phase's workers send to: the emulator process, or nghttpd (which keeps no
+    log of what it answered, so only the ledger checks its deliveries)."""
+
+    name: str
+    pid: int
+    credentials: Credentials
+    fcm_url: str
+    apns_url: str
+    em: EmulatorProcess | None = None
+
+    @classmethod
+    def emulators(cls, em: EmulatorProcess) -> Server:
+        return cls(
+            "emulators",
+            em.proc.pid,
+            em.credentials,
+            f"https://127.0.0.1:{em.fcm_port}",
+            f"https://127.0.0.1:{em.apns_port}",
+            em,
+        )
+
+
 def phase_settings(
-    settings: Settings, url: str, em: EmulatorProcess, tag: str, *, in_flight: int | None = None
+    settings: Settings,
+    url: str,
+    server: EmulatorProcess | Server,
+    tag: str,
+    *,
+    in_flight: int | None = None,
+    implementation: str = "lean",
 ) -> Settings:
     """``settings`` for one phase: its own topics and group, the fresh database, the
-    emulator process, no FCM rate limit; with ``in_flight``, each sender's concurrency
-    (requests in flight per platform per worker)."""
+    server (the emulator process by default), no FCM rate limit; with ``in_flight``, each
+    sender's concurrency (requests in flight per platform per worker); the senders'
+    ``implementation``."""
+    if not isinstance(server, Server):
+        server = Server.emulators(server)
     prefix = f"bench-fanout-{tag}-{uuid.uuid4().hex[:6]}."
     kafka = settings.kafka.model_copy(update={"topics": TopicSettings.prefixed(prefix)})
     worker = settings.worker.model_copy(
         update={"group_id": f"{prefix}workers", "fcm_per_minute": 0, "apns_per_minute": 0}
     )
     pointed = point_at(
-        settings,
-        em.credentials,
-        f"https://127.0.0.1:{em.fcm_port}",
-        f"https://127.0.0.1:{em.apns_port}",
-        DEFAULT_APNS_TOPIC,
+        settings, server.credentials, server.fcm_url, server.apns_url, DEFAULT_APNS_TOPIC
     )
-    senders: dict[str, object] = {"implementation": "lean"}
+    senders: dict[str, object] = {"implementation": implementation}
     if in_flight is not None:
         senders["concurrency"] = in_flight
     fcm = pointed.fcm.model_copy(update=senders)
@@ -115,12 +145,14 @@ class Broadcast:
                 f"ledger invalid {s.invalid} failed {s.failed} retrying {s.retrying}"
                 f" suppressed {s.suppressed} expired {s.expired}"
             )
-        total = sum(d.total for d in self.delivered.values())
-        if total != self.tokens:
-            out.append(f"emulators logged {total:,} deliveries of {self.tokens:,}")
-        unique = sum(d.unique for d in self.delivered.values())
-        if unique != self.tokens:
-            out.append(f"emulators logged {unique:,} distinct tokens of {self.tokens:,}")
+        # A server without a log (nghttpd): the ledger's counts above are the check.
+        if self.delivered:
+            total = sum(d.total for d in self.delivered.values())
+            if total != self.tokens:
+                out.append(f"emulators logged {total:,} deliveries of {self.tokens:,}")
+            unique = sum(d.unique for d in self.delivered.values())
+            if unique != self.tokens:
+                out.append(f"emulators logged {unique:,} distinct tokens of {self.tokens:,}")
         if any(code != 0 for code in self.exit_codes):
             out.append(f"worker exit codes {self.exit_codes} after SIGTERM")
         return out
@@ -130,7 +162,7 @@ async def broadcast(
     label: str,
     settings: Settings,
     conn: asyncpg.Connection,
-    em: EmulatorProcess,
+    target: EmulatorProcess | Server,
     segment: str,
     users: int,
     tokens: int,
@@ -142,6 +174,8 @@ async def broadcast(
     """Start ``len(cpus)`` workers (each on its cpus), warm them up, time one broadcast
     to ``segment``, stop them. ``script`` scripts the emulators for the timed broadcast
     only (the warm-up runs unscripted); reading their logs afterwards resets them."""
+    server = target if isinstance(target, Server) else Server.emulators(target)
+    em = server.em
     await fresh_state(conn)
     await ensure_topics(settings.kafka)
     workers: list[WorkerProcess] = []
@@ -164,11 +198,12 @@ async def broadcast(
             await start_client(producer, settings.kafka)
             try:
                 await warm_up(settings, conn, producer, client, workers)
-                await reset_emulators(em, script)
+                if em is not None:
+                    await reset_emulators(em, script)
                 before = [await scrape(client, w.metrics_port) for w in workers]
                 rss_before = [w.rss_kb() for w in workers]
                 postmaster = await find_postmaster(settings.database.url.get_secret_value())
-                named = {"emulators": em.proc.pid} | {w.short: w.pid for w in workers}
+                named = {server.name: server.pid} | {w.short: w.pid for w in workers}
                 meter = CpuMeter(named, postmaster)
                 job = news_job(
                     {"kind": "segment", "segment": segment}, f"bench-fanout-{uuid.uuid4().hex[:8]}"
@@ -201,8 +236,9 @@ async def broadcast(
             w.stop()
     result = Broadcast(label, users, tokens, progress, plus(deltas), figures, cores)
     result.exit_codes = [w.exit_code for w in workers]
-    result.delivered = {
-        "android": await delivered(em, em.fcm_port),
-        "ios": await delivered(em, em.apns_port),
-    }
+    if em is not None:
+        result.delivered = {
+            "android": await delivered(em, em.fcm_port),
+            "ios": await delivered(em, em.apns_port),
+        }
     return result

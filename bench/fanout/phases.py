@@ -4,6 +4,8 @@ broadcasts on the audience, the latency-bound pair on part of it, then the optio
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -11,17 +13,19 @@ from pathlib import Path
 
 import asyncpg
 
-from bench.fanout.broadcast import Broadcast, broadcast, phase_settings
-from bench.fanout.cpus import Placement
+from bench.fanout.broadcast import Broadcast, Server, broadcast, phase_settings
+from bench.fanout.cpus import Placement, cpu_name
 from bench.fanout.emulators import Baseline, lean_rate, reset_emulators
 from bench.fanout.report import print_senders, report
 from bench.fanout.seed import seed, subsegment
+from bench.nghttpd import canned_docroot, start_nghttpd
 from bench.senders import EmulatorProcess
 from pushfan.settings import Settings
 from worker.main import settle_gc
 
 BIG_USERS = 1_000_000
 RSS_TARGET_MB = 200
+CORE_TARGET = 50_000  # issue #9: tokens/s end to end on one worker core
 SPEEDUP_TARGET = 1.7  # issue #5: two workers finish a broadcast 1.7 times as fast as one
 
 
@@ -209,4 +213,64 @@ async def big_broadcast(
         f"fanout big: peak RSS {peak:,.0f} MB for {big.users:,} users against"
         f" {one.workers[0].peak_rss_kb / 1024:,.0f} MB for {one.users:,} (target: under"
         f" {RSS_TARGET_MB} MB, {'met' if peak < RSS_TARGET_MB else 'NOT MET'})"
+    )
+
+
+async def one_core(
+    settings: Settings,
+    url: str,
+    em: EmulatorProcess,
+    users: int,
+    where: Placement,
+    logdir: Path,
+    implementations: tuple[str, ...] = ("lean",),
+) -> None:
+    """Issue #9's figure: one worker alone on its core against ``nghttpd`` (a C server
+    answering every send with a canned 200, on the other core with PostgreSQL and the
+    broker), on the first ``users`` users (:func:`broadcasts` must have seeded them);
+    once per senders' ``implementation`` (the lean client, then the ``h2``-library
+    reference) in the same run. nghttpd keeps no log: the ledger's counts are the check.
+    Printed."""
+    conn = await asyncpg.connect(url)
+    root = Path(tempfile.mkdtemp(prefix="pushfan-bench-nghttpd-"))
+    runs: list[Broadcast] = []
+    try:
+        segment = f"bench-core-{uuid.uuid4().hex[:6]}"
+        tokens = sum((await subsegment(conn, users, segment)).values())
+        ios = await conn.fetch("SELECT token FROM device_tokens WHERE platform = 'ios'")
+        creds = em.credentials
+        canned_docroot(root, fcm_project=creds.fcm_project_id, apns_tokens=[r[0] for r in ios])
+        with start_nghttpd(creds, root, cpu=where.rest) as server:
+            target = Server("nghttpd", server.pid, creds, server.url, server.url)
+            for impl in implementations:
+                runs.append(
+                    await broadcast(
+                        f"nghttpd, {impl}",
+                        phase_settings(settings, url, target, f"core-{impl}", implementation=impl),
+                        conn,
+                        target,
+                        segment,
+                        users,
+                        tokens,
+                        [where.worker],
+                        logdir,
+                    )
+                )
+    finally:
+        await conn.close()
+        shutil.rmtree(root, ignore_errors=True)
+    for run in runs:
+        report(run, None)
+    lean = runs[0]
+    cpu_us = lean.worker_cores * lean.seconds / lean.tokens * 1e6
+    carried = 1e6 / cpu_us
+    ratios = "; ".join(
+        f"lean / {r.label.split(', ')[-1]} {lean.rate / r.rate:.2f}x" for r in runs[1:]
+    )
+    print(
+        f"fanout one core (issue #9): {lean.rate:,.0f} tokens/s end to end with the worker on"
+        f" {cpu_name(where.worker)}, {cpu_us:.1f} us of its CPU a token: one core carries"
+        f" {carried:,.0f} tokens/s (target {CORE_TARGET:,}, "
+        f"{'met' if carried >= CORE_TARGET else 'NOT MET'}); its core busy"
+        f" {lean.cores.busy()}; {ratios}"
     )

@@ -23,9 +23,8 @@ def report(b: Broadcast, senders: Baseline | None, one: Broadcast | None = None)
     p = b.progress
     split = f", split in {p.split_s * 1000:,.0f} ms" if p.split_s is not None else ""
     split += "".join(f", {pct}% of the users by {t:.1f} s" for pct, t in p.marks.items())
-    check = "; ".join(b.problems()) or (
-        f"every token delivered exactly once, ledger completed with sent {b.status.sent:,}"
-    )
+    exactly = "every token delivered exactly once, " if b.delivered else ""
+    check = "; ".join(b.problems()) or (f"{exactly}ledger completed with sent {b.status.sent:,}")
     ratio = f"   ratio to the senders {b.rate / senders.rate:.2f}" if senders else ""
     speedup = f"   speed-up over 1 worker {b.rate / one.rate:.2f}x" if one else ""
     print(

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
-from worker.senders.base import Outcome, OutcomeKind
+from worker.senders.base import DELIVERED, Outcome, OutcomeKind
 
 # Below this many tokens a batch proves nothing either way.
 MIN_BATCH = 10
@@ -30,6 +30,8 @@ def guard_batch(
 ) -> tuple[list[Outcome], str | None]:
     """``outcomes`` with mass suspect verdicts made configuration errors, and the reason
     of the batch's configuration error if there is one (for alerting)."""
+    if outcomes.count(DELIVERED) == len(outcomes):
+        return outcomes, None  # nearly every batch: nothing to look at per token
     config = next((o.reason for o in outcomes if o.kind is OutcomeKind.CONFIG_ERROR), None)
     if len(outcomes) < MIN_BATCH:
         return outcomes, config
@@ -96,7 +98,8 @@ async def send_batch(
     if breaker.is_open:
         return breaker.refuse(len(tokens)), breaker.reason
     outcomes = await many(tokens, await credential())
-    again = [i for i, o in enumerate(outcomes) if o.reason == renew_on]
+    all_delivered = outcomes.count(DELIVERED) == len(outcomes)
+    again = [] if all_delivered else [i for i, o in enumerate(outcomes) if o.reason == renew_on]
     if again:
         redo = await many([tokens[i] for i in again], await renew())
         for i, outcome in zip(again, redo, strict=True):
