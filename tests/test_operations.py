@@ -167,7 +167,10 @@ async def test_a_running_workers_metrics_move_with_its_work(
     assert moved("pushfan_worker_send_seconds_bucket", service="fcm", le="+Inf") == 6
     assert value(after, "pushfan_worker_send_seconds_sum", service="fcm") > 0
     assert value(after, "pushfan_worker_in_flight_requests", service="fcm") == 0
-    assert moved("pushfan_worker_users_done_total") == 8
+    # A one-page job: its users are done inline, outside any broadcast's progress.
+    assert moved("pushfan_worker_users_done_total", mode="inline") == 8
+    assert value(after, "pushfan_worker_users_done_total", mode="split") == 0
+    assert value(after, "pushfan_worker_audience_users_total") == 0
     # Labels stay low-cardinality: no token, user or job id anywhere.
     text = repr(after)
     for secret in (*phones, *ipads, *users, job.job_id):
