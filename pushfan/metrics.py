@@ -34,14 +34,14 @@ class Metrics:
         r = self.registry
         self.http_requests = Counter(
             f"{PREFIX}_registry_requests",
-            "Registry API requests by route template and status code.",
-            ["route", "status"],
+            "Registry API requests by route template, method and status code.",
+            ["route", "method", "status"],
             registry=r,
         )
         self.http_latency = Histogram(
             f"{PREFIX}_registry_request_seconds",
-            "Registry API request latency by route template.",
-            ["route"],
+            "Registry API request latency by route template and method.",
+            ["route", "method"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
