@@ -181,7 +181,11 @@ class OrdersShippedBridge(ConsumerRebalanceListener):  # type: ignore[misc]  # u
             await self.close()
             raise
         if not exists:
-            log.warning("the bridge's topic does not exist; waiting", topic=self.config.topic)
+            log.warning(
+                "the bridge's topic does not exist; waiting for it (the fulfilment system"
+                " owns it, pushfan does not create it; see PUSHFAN_BRIDGE__TOPIC)",
+                topic=self.config.topic,
+            )
         return exists
 
     async def close(self) -> None:

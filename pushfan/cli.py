@@ -347,16 +347,9 @@ def _cmd_bridge(_args: argparse.Namespace, settings: Settings) -> int:
 
     topic, jobs = settings.bridge.topic, settings.kafka.topics.jobs
 
-    def started(topic_exists: bool) -> None:
+    def started(_topic_exists: bool) -> None:
+        # A missing topic is the bridge's own warning, in the log (once).
         print(f"pushfan bridge: {topic} -> {jobs}", flush=True)
-        if not topic_exists:
-            print(
-                f"pushfan bridge: warning: topic {topic} does not exist; waiting for it"
-                " (the fulfilment system owns it, pushfan does not create it;"
-                " see PUSHFAN_BRIDGE__TOPIC)",
-                file=sys.stderr,
-                flush=True,
-            )
 
     async def main() -> None:
         stop = stop_on_signals()

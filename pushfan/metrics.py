@@ -22,6 +22,7 @@ PREFIX = "pushfan"
 M = TypeVar("M", bound=MetricWrapperBase)
 
 BRIDGE_OUTCOMES = ("published", "dead_lettered")
+USERS_DONE_MODES = ("split", "inline")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5, 10, 30)
@@ -33,14 +34,14 @@ class Metrics:
         r = self.registry
         self.http_requests = Counter(
             f"{PREFIX}_registry_requests",
-            "Registry API requests by route template and status code.",
-            ["route", "status"],
+            "Registry API requests by route template, method and status code.",
+            ["route", "method", "status"],
             registry=r,
         )
         self.http_latency = Histogram(
             f"{PREFIX}_registry_request_seconds",
-            "Registry API request latency by route template.",
-            ["route"],
+            "Registry API request latency by route template and method.",
+            ["route", "method"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -123,12 +124,16 @@ class Metrics:
         )
         self.audience_users = Counter(
             f"{PREFIX}_worker_audience_users",
-            "Users in the audiences of split broadcasts; with users_done, their progress.",
+            "Users in the audiences of split broadcasts, counted when a job is split; with"
+            ' users_done{mode="split"}, their progress.',
             registry=r,
         )
         self.users_done = Counter(
             f"{PREFIX}_worker_users_done",
-            "Users whose page was sent and reported.",
+            "Users whose page was sent and recorded in the ledger, by mode: split (a shard"
+            " of a split broadcast; the users audience_users counted) or inline (a job of"
+            " one page, sent without shards).",
+            ["mode"],
             registry=r,
         )
         self.shards_running = Gauge(
@@ -187,6 +192,8 @@ class Metrics:
             self.dead_letters.labels(kind)
         for outcome in ("completed", "split", "duplicate", "expired", "dry_run", "dead_lettered"):
             self.jobs.labels(outcome)
+        for mode in USERS_DONE_MODES:
+            self.users_done.labels(mode)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def child(self, metric: M, *labels: str) -> M:

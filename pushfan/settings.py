@@ -13,10 +13,11 @@ import json
 import os
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -40,6 +41,16 @@ ENV_NESTED_DELIMITER = "__"
 # The placeholders the bridge's templates may use: the fields of an order-shipped event
 # (producer.bridge.OrderShipped), checked here so a typo stops start-up, not each event.
 BRIDGE_TEMPLATE_FIELDS = ("order_id", "user_id", "carrier", "tracking_url")
+
+
+def _blank_is_unset(value: object) -> object:
+    # `PUSHFAN_FCM__CA_FILE=` (or a Compose `${VAR:-}` with VAR unset) means no file:
+    # as a Path, "" would become Path("."), the working directory, and fail far from here.
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+# An optional file: unset, or a path; an empty or blank variable is unset.
+OptionalFile = Annotated[Path | None, BeforeValidator(_blank_is_unset)]
 
 
 class _Section(BaseModel):
@@ -132,13 +143,13 @@ class FcmSettings(_Section):
     )
     endpoint: str = Field("https://fcm.googleapis.com", description="FCM HTTP v1 origin.")
     project_id: str | None = Field(None, description="Firebase project (default: the account's).")
-    credentials_file: Path | None = Field(
+    credentials_file: OptionalFile = Field(
         None, description="Service-account JSON; unset: application default credentials."
     )
     access_token: SecretStr | None = Field(
         None, description="A fixed OAuth2 access token instead (the emulators')."
     )
-    ca_file: Path | None = Field(None, description="Extra CA to trust (the emulators').")
+    ca_file: OptionalFile = Field(None, description="Extra CA to trust (the emulators').")
     concurrency: int = Field(1000, ge=1, description="Requests in flight per worker.")
     max_connections: int = Field(4, ge=1, description="HTTP/2 connections per worker.")
     timeout_s: float = Field(10.0, gt=0, description="Deadline of one request.")
@@ -151,11 +162,11 @@ class ApnsSettings(_Section):
     endpoint: str = Field(
         "https://api.push.apple.com", description="APNs origin (sandbox: api.sandbox...)."
     )
-    key_file: Path | None = Field(None, description="The .p8 provider key.")
+    key_file: OptionalFile = Field(None, description="The .p8 provider key.")
     key_id: str | None = Field(None, description="The key's id (10 characters).")
     team_id: str | None = Field(None, description="The Apple developer team id.")
     topic: str | None = Field(None, description="The app's bundle id.")
-    ca_file: Path | None = Field(None, description="Extra CA to trust (the emulators').")
+    ca_file: OptionalFile = Field(None, description="Extra CA to trust (the emulators').")
     token_refresh_s: float = Field(
         2400, ge=1200, le=3000, description="Provider token re-signed every 20-50 minutes."
     )
@@ -238,7 +249,7 @@ class RegistrySettings(_Section):
         "HS256", description="HS256 (shared secret) or RS256 (public key) bearer tokens."
     )
     jwt_secret: SecretStr | None = Field(None, description="HS256 shared secret (never printed).")
-    jwt_public_key_file: Path | None = Field(None, description="RS256: the issuer's public key.")
+    jwt_public_key_file: OptionalFile = Field(None, description="RS256: the issuer's public key.")
     jwt_issuer: str = Field("pushfan", description="Required `iss` of bearer tokens.")
     jwt_audience: str = Field("pushfan-registry", description="Required `aud` of bearer tokens.")
     service_scope: str = Field(

@@ -185,8 +185,9 @@ class RegistryApp:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         metrics = self.metrics
-        metrics.child(metrics.http_requests, route, str(status)).inc()
-        metrics.child(metrics.http_latency, route).observe(time.perf_counter() - started)
+        verb = method if method in _METHODS else "other"
+        metrics.child(metrics.http_requests, route, verb, str(status)).inc()
+        metrics.child(metrics.http_latency, route, verb).observe(time.perf_counter() - started)
 
     async def _dispatch(
         self, scope: Scope, receive: Receive, handler: Handler | str, arg: str
@@ -320,6 +321,9 @@ _ROUTES: dict[tuple[str, str], tuple[str, Handler | str]] = {
     ("GET", "/docs"): ("/docs", "docs"),
 }
 _DEVICE_PREFIX = b"/v1/devices/"
+# The metrics' method label: a client may send any token as a method, and each would be a
+# series of its own; the ones HTTP defines keep their name, the rest are "other".
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 
 
 def _route(method: str, path: str, raw_path: bytes | None) -> tuple[str, Handler | str, str]:

@@ -45,6 +45,9 @@ PROMETHEUS = ROOT / "deploy" / "prometheus"
 ALERTS = PROMETHEUS / "alerts.yml"
 ALERTS_TEST = PROMETHEUS / "alerts_test.yml"
 PROMETHEUS_CONFIG = PROMETHEUS / "prometheus.yml"
+PROMETHEUS_K8S_CONFIG = PROMETHEUS / "prometheus-kubernetes.yml"
+COMPOSE = ROOT / "deploy" / "docker-compose.yml"
+K8S = ROOT / "deploy" / "k8s"
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "pushfan.json"
 RUNBOOK = ROOT / "docs" / "operations.md"
@@ -240,6 +243,24 @@ def test_promtool_checks_the_alert_rules() -> None:
 @needs_promtool
 def test_promtool_checks_the_config_and_its_rule_files() -> None:
     done = promtool("check", "config", str(PROMETHEUS_CONFIG.relative_to(ROOT)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 1 rule files found" in done.stdout
+
+
+@needs_promtool
+def test_promtool_checks_the_kubernetes_config(tmp_path: Path) -> None:
+    """The Kubernetes scrape config; a promtool built without Kubernetes discovery
+    (Debian's) checks the rest of it (relabelling, rule files) with the discovery block
+    swapped for an empty static one."""
+    done = promtool("check", "config", str(PROMETHEUS_K8S_CONFIG.relative_to(ROOT)))
+    if "field kubernetes_sd_configs not found" in done.stdout + done.stderr:
+        config = load_yaml(PROMETHEUS_K8S_CONFIG)
+        for job in config["scrape_configs"]:
+            assert job.pop("kubernetes_sd_configs")
+            job["static_configs"] = [{"targets": []}]
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        shutil.copy(ALERTS, tmp_path / "alerts.yml")
+        done = promtool("check", "config", str(tmp_path / "prometheus.yml"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS: 1 rule files found" in done.stdout
 
@@ -444,19 +465,111 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
         assert any(not c["exp_alerts"] for c in mine), f"{name}: no test where it stays quiet"
 
 
-def test_scrape_targets_match_the_services_ports() -> None:
+# The job of each service, as the alerts and the dashboard know them, and its port.
+SCRAPED = {
+    "pushfan-worker": ("worker", WorkerSettings().metrics_port),
+    "pushfan-registry": ("registry", RegistrySettings().port),
+    "pushfan-cleanup": ("cleanup", HygieneSettings().cleanup_metrics_port),
+    "pushfan-bridge": ("bridge", BridgeSettings().metrics_port),
+}
+
+
+def test_compose_scrape_targets_find_every_replica() -> None:
+    """prometheus.yml against docker-compose.yml: a service that can be scaled (no
+    published port, no container name) is found by DNS, each replica a target; one that
+    cannot is a static target. Names and ports are the services' and the settings'."""
     config = load_yaml(PROMETHEUS_CONFIG)
     assert config["rule_files"] == ["alerts.yml"]
-    targets = {
-        job["job_name"]: [t for s in job["static_configs"] for t in s["targets"]]
-        for job in config["scrape_configs"]
-    }
-    assert targets["pushfan-worker"] == [f"worker:{WorkerSettings().metrics_port}"]
-    assert targets["pushfan-registry"] == [f"registry:{RegistrySettings().port}"]
-    assert targets["pushfan-bridge"] == [f"bridge:{BridgeSettings().metrics_port}"]
-    assert targets["pushfan-cleanup"] == [f"cleanup:{HygieneSettings().cleanup_metrics_port}"]
-    # PushfanTargetDown watches up{job=~"pushfan-.*"}
-    assert all(name.startswith("pushfan-") for name in targets)
+    services = load_yaml(COMPOSE)["services"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs.keys() == SCRAPED.keys()
+    for name, (service, port) in SCRAPED.items():
+        job, compose = jobs[name], services[service]
+        scalable = "ports" not in compose and "container_name" not in compose
+        if scalable:
+            assert "static_configs" not in job, name
+            assert job["dns_sd_configs"] == [{"names": [service], "type": "A", "port": port}]
+        else:
+            assert "dns_sd_configs" not in job, name
+            targets = [t for c in job["static_configs"] for t in c["targets"]]
+            assert targets == [f"{service}:{port}"]
+    # `docker compose up --scale worker=N` is what the compose file and its README offer.
+    assert "dns_sd_configs" in jobs["pushfan-worker"]
+
+
+def _relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus' relabelling (keep, drop, replace) of one target; None if dropped."""
+    out = dict(labels)
+    for rule in rules:
+        action = rule.get("action", "replace")
+        assert action in ("keep", "drop", "replace"), f"{action}: not simulated here"
+        joined = rule.get("separator", ";").join(out.get(n, "") for n in rule["source_labels"])
+        match = re.fullmatch(rule.get("regex", "(.*)"), joined)
+        if action == "keep" and match is None:
+            return None
+        if action == "drop" and match is not None:
+            return None
+        if action == "replace" and match is not None:
+            template = re.sub(r"\$(\d+)", r"\\g<\1>", rule.get("replacement", "$1"))
+            out[rule["target_label"]] = match.expand(template)
+    return out
+
+
+def _meta(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def _pods() -> dict[str, dict[str, str]]:
+    """What Kubernetes pod discovery gives Prometheus for one pod of each workload of
+    deploy/k8s (Deployments, Jobs, the CronJob), by workload name."""
+    out = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for obj in yaml.safe_load_all(path.read_text()):
+            kind = obj and obj["kind"]
+            if kind not in ("Deployment", "Job", "CronJob"):
+                continue
+            spec = obj["spec"]["jobTemplate"]["spec"] if kind == "CronJob" else obj["spec"]
+            template = spec["template"]
+            (container, *_) = template["spec"]["containers"]
+            ports = [p["containerPort"] for p in container.get("ports", [])]
+            ip = "10.0.0.7"
+            meta = {
+                "__address__": f"{ip}:{ports[0]}" if ports else ip,
+                "__meta_kubernetes_namespace": "pushfan",
+                "__meta_kubernetes_pod_name": f"{obj['metadata']['name']}-7d9f8-x2x4z",
+                "__meta_kubernetes_pod_ip": ip,
+                "__meta_kubernetes_pod_phase": "Running",
+            }
+            for key, value in template["metadata"].get("labels", {}).items():
+                meta[f"__meta_kubernetes_pod_label_{_meta(key)}"] = value
+            for key, value in template["metadata"].get("annotations", {}).items():
+                meta[f"__meta_kubernetes_pod_annotation_{_meta(key)}"] = value
+            out[obj["metadata"]["name"]] = meta
+    return out
+
+
+def test_kubernetes_scrape_config_finds_each_service_under_its_job() -> None:
+    """prometheus-kubernetes.yml's relabelling applied to the pods of deploy/k8s: each
+    service's pods are scraped on the settings' port under the job name the alerts and
+    the dashboard use; one-shot pods are not scraped."""
+    config = load_yaml(PROMETHEUS_K8S_CONFIG)
+    assert config["rule_files"] == ["alerts.yml"]
+    (job,) = config["scrape_configs"]
+    (discovery,) = job["kubernetes_sd_configs"]
+    kustomization = load_yaml(K8S / "kustomization.yaml")
+    assert discovery == {"role": "pod", "namespaces": {"names": [kustomization["namespace"]]}}
+    pods = _pods()
+    scraped = {}
+    for meta in pods.values():
+        target = _relabel(meta, job["relabel_configs"])
+        if target is not None:
+            assert target["job"] not in scraped, target
+            scraped[target["job"]] = (target["__address__"], target["__metrics_path__"])
+            assert target["instance"] == meta["__meta_kubernetes_pod_name"]
+    assert scraped == {job: (f"10.0.0.7:{port}", "/metrics") for job, (_, port) in SCRAPED.items()}
+    assert {"pushfan-migrate", "pushfan-hygiene"} <= pods.keys()  # found, and left out
+    finished = {**pods["pushfan-worker"], "__meta_kubernetes_pod_phase": "Succeeded"}
+    assert _relabel(finished, job["relabel_configs"]) is None
 
 
 def test_the_runbook_lists_every_exported_metric() -> None:
@@ -473,7 +586,13 @@ def test_the_docs_name_real_settings() -> None:
     (``PUSHFAN_RETRY__*``: a section that exists)."""
     names = {name for name, _ in env_names()}
     sections = {name.rsplit("__", 1)[0] + "__" for name in names}
-    paths = [RUNBOOK, ROOT / "deploy" / "README.md", ALERTS, PROMETHEUS_CONFIG]
+    paths = [
+        RUNBOOK,
+        ROOT / "deploy" / "README.md",
+        ALERTS,
+        PROMETHEUS_CONFIG,
+        PROMETHEUS_K8S_CONFIG,
+    ]
     unknown = {
         (path.name, found)
         for path in paths

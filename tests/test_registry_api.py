@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from pushfan.settings import RegistrySettings, Settings
@@ -324,13 +325,39 @@ async def test_quiet_hours_stored_before_the_rule_still_read(
     assert response.json()["quiet_hours"] == {"start": "22:00:00", "end": "22:00:00"}
 
 
+async def samples(http: httpx.AsyncClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The registry's /metrics, parsed: (sample name, labels) -> value."""
+    text = (await http.get("/metrics")).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def requests(
+    found: dict[tuple[str, frozenset[tuple[str, str]]], float], route: str, method: str, status: int
+) -> float:
+    labels = frozenset({("route", route), ("method", method), ("status", str(status))})
+    return found.get(("pushfan_registry_requests_total", labels), 0.0)
+
+
+def latencies(
+    found: dict[tuple[str, frozenset[tuple[str, str]]], float], route: str, method: str
+) -> float:
+    labels = frozenset({("route", route), ("method", method)})
+    return found.get(("pushfan_registry_request_seconds_count", labels), 0.0)
+
+
 async def test_health_readiness_metrics_and_openapi(http: httpx.AsyncClient) -> None:
     assert (await http.get("/healthz")).status_code == 200
     assert (await http.get("/readyz")).status_code == 200
     await http.post("/v1/devices", json=device(apns_token(), _id("d")), headers=bearer("m"))
     metrics = (await http.get("/metrics")).text
     assert 'pushfan_registrations_total{change="created"}' in metrics
-    assert 'pushfan_registry_requests_total{route="/v1/devices",status="201"}' in metrics
+    assert 'pushfan_registry_requests_total{method="POST",route="/v1/devices",status="201"}' in (
+        metrics
+    )
     document = (await http.get("/openapi.json")).json()
     assert set(document["paths"]) >= {"/v1/devices", "/v1/devices/{device_id}", "/v1/preferences"}
     assert "DeviceIn" in document["components"]["schemas"]
@@ -343,8 +370,40 @@ async def test_the_docs_page_is_served_without_a_token(http: httpx.AsyncClient) 
     assert response.headers["content-type"] == "text/html; charset=utf-8"
     assert response.text.startswith("<!DOCTYPE html>")
     metrics = (await http.get("/metrics")).text
-    assert 'pushfan_registry_requests_total{route="/docs",status="200"}' in metrics
+    assert 'pushfan_registry_requests_total{method="GET",route="/docs",status="200"}' in metrics
     assert (await http.post("/docs")).status_code == 405
+
+
+async def test_requests_are_counted_by_route_template_and_method(
+    http: httpx.AsyncClient,
+) -> None:
+    """One route template, two methods: two series. The device id of a logout is not a
+    label (the route template is), nor is a method HTTP does not define."""
+    user, dev = _id("u"), _id("dev")
+    auth = bearer(user)
+    before = await samples(http)
+    assert (
+        await http.post("/v1/devices", json=device(apns_token(), dev), headers=auth)
+    ).status_code == 201
+    for _ in range(2):
+        assert (await http.get("/v1/devices", headers=auth)).status_code == 200
+    assert (await http.delete(f"/v1/devices/{dev}", headers=auth)).status_code == 204
+    assert (await http.request("PROPFIND", "/v1/devices", headers=auth)).status_code == 405
+    after = await samples(http)
+
+    def moved(route: str, method: str, status: int) -> float:
+        return requests(after, route, method, status) - requests(before, route, method, status)
+
+    assert moved("/v1/devices", "POST", 201) == 1
+    assert moved("/v1/devices", "GET", 200) == 2
+    assert moved("/v1/devices/{device_id}", "DELETE", 204) == 1
+    assert moved("unmatched", "other", 405) == 1
+    for route, method, n in (("/v1/devices", "POST", 1), ("/v1/devices", "GET", 2)):
+        assert latencies(after, route, method) - latencies(before, route, method) == n
+    text = repr(after)
+    assert dev not in text
+    assert user not in text
+    assert "PROPFIND" not in text
 
 
 async def test_the_docs_page_shows_every_operation_of_the_document(

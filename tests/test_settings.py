@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from pydantic import ValidationError
@@ -108,6 +109,37 @@ def test_inconsistent_settings_are_refused(
 def test_an_empty_optional_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PUSHFAN_KAFKA__SASL_MECHANISM", "")
     assert load_settings().kafka.sasl_mechanism is None
+
+
+# Every setting that names a file: an optional Path.
+FILE_SETTINGS = [name for name, field in env_names() if Path in get_args(field.annotation)]
+
+
+def setting(settings: Settings, name: str) -> object:
+    """The value of the setting whose variable is ``name``."""
+    value: object = settings
+    for part in name.removeprefix("PUSHFAN_").lower().split("__"):
+        value = getattr(value, part)
+    return value
+
+
+def test_the_file_settings_are_found() -> None:
+    assert len(FILE_SETTINGS) >= 5
+    assert [name for name, _ in env_names() if name.endswith("_FILE")] == FILE_SETTINGS
+
+
+@pytest.mark.parametrize("name", FILE_SETTINGS)
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_file_variable_means_no_file(
+    monkeypatch: pytest.MonkeyPatch, name: str, empty: str
+) -> None:
+    """Not Path("."): an empty value (a Compose ``${VAR:-}``) is unset, as no variable."""
+    monkeypatch.setenv(name, empty)
+    assert setting(load_settings(), name) is None
+    monkeypatch.setenv(name, "/etc/pushfan/x.pem")
+    if name == "PUSHFAN_REGISTRY__JWT_PUBLIC_KEY_FILE":  # RS256's key: HS256 refuses it
+        monkeypatch.setenv("PUSHFAN_REGISTRY__JWT_ALGORITHM", "RS256")
+    assert setting(load_settings(), name) == Path("/etc/pushfan/x.pem")
 
 
 def test_a_subprocess_environment_rebuilds_the_same_settings(

@@ -33,6 +33,7 @@ from tests.worker_harness import (
     wait_for_job,
     with_worker,
 )
+from worker import ledger
 from worker import status as job_status
 
 
@@ -106,11 +107,55 @@ async def test_broadcast_to_a_segment_reaches_every_token_once_across_two_worker
     assert (done.audience_users, done.users_done, done.sent) == (25_000, 25_000, len(rows))
     assert done.shards_done == done.shards_total == 5
     # Both workers sent a share of the shards.
-    shares = [
-        m.registry.get_sample_value("pushfan_worker_users_done_total") or 0 for m in (first, second)
-    ]
+    shares = [sample(m, "pushfan_worker_users_done_total", mode="split") for m in (first, second)]
     assert sum(shares) == 25_000
     assert min(shares) > 0, shares
+    # The dashboard's progress: the audience counted at the split (by the worker that took
+    # the job) and the users done (by both) agree once it has finished.
+    audience = sum(sample(m, "pushfan_worker_audience_users_total") for m in (first, second))
+    assert audience == sum(shares)
+    assert [
+        sample(m, "pushfan_worker_users_done_total", mode="inline") for m in (first, second)
+    ] == [0, 0]
+
+
+async def test_a_page_fenced_off_by_a_new_owner_is_not_counted_as_done(
+    wsettings: Settings, db: asyncpg.Pool, emulators: Emulators
+) -> None:
+    """Another owner takes the shard mid-broadcast: the ledger refuses the worker's next
+    page, and the worker's progress counter follows the ledger, not its sends."""
+    t = tag()
+    users = [f"f{t}-{i:05d}" for i in range(3_000)]
+    await add_tokens(db, [(u, "android", fcm_token(t, i)) for i, u in enumerate(users)])
+    await add_segment(db, f"seg-{t}", users)
+    emulators.fcm.script.configure({"latency_ms": 100})  # a page every ~0.1 s or more
+    settings = with_worker(wsettings, page_size=100, shard_pages=100)  # one shard, 30 pages
+    job = make_job({"kind": "segment", "segment": f"seg-{t}"}, type="news")
+    metrics = Metrics()
+
+    async def started() -> bool:
+        found = await job_status.status(db, job.job_id)
+        return found is not None and found.users_done >= 500
+
+    async with running_worker(settings, metrics):
+        await publish(settings, job)
+        await eventually(started)
+        assert await ledger.claim(db, job.job_id, 0, "another-worker") is not None
+        await eventually(lambda: sample(metrics, "pushfan_worker_shards_running") == 0)
+        recorded = await job_status.status(db, job.job_id)
+
+    assert recorded is not None
+    assert recorded.users_done < 3_000  # fenced off before the end
+    done = sample(metrics, "pushfan_worker_users_done_total", mode="split")
+    assert done == recorded.users_done
+    # The refused page was sent (and its sends counted), but not counted as done.
+    assert sample(metrics, "pushfan_worker_pages_total") * 100 == done + 100
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    found = metrics.registry.get_sample_value(name, labels)
+    assert found is not None, f"{name}{labels} is not exported"
+    return found
 
 
 async def test_a_malformed_job_is_dead_lettered_and_the_next_job_goes_out(

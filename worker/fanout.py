@@ -199,5 +199,7 @@ class Fanout:
         )
         self.reporter.observe(sent)
         self.metrics.pages.inc()
-        self.metrics.users_done.inc(sent.counts.users)
+        if owned:  # a page fenced off is counted by the shard's new owner, who sends it
+            mode = "inline" if shard_no is None else "split"
+            self.metrics.child(self.metrics.users_done, mode).inc(sent.counts.users)
         return owned
