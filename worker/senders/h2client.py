@@ -176,17 +176,15 @@ class H2Pool:
             if conn is None or free <= 0:
                 self._connect_or_fail()
                 return
-            for _ in range(min(free, room)):
-                i = -1
-                while queue:
-                    i = queue[0].take()
-                    if i >= 0:
-                        break
-                    queue.popleft().queued = False
-                if i < 0:
-                    break
-                conn.start(queue[0], i)
-                in_flight += 1
+            wanted = min(free, room)
+            while wanted and queue:
+                batch = queue[0]
+                started = conn.start(batch, wanted)
+                in_flight += started
+                wanted -= started
+                if batch.waiting:
+                    break  # the connection took what it could
+                queue.popleft().queued = False
             traffic.in_flight = in_flight
 
     def failed(self, batch: Batch, i: int, error: H2Error) -> None:

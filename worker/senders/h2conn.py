@@ -131,6 +131,11 @@ class Batch:
             return i
         return -1
 
+    @property
+    def waiting(self) -> bool:
+        """Some of its requests are still to start."""
+        return bool(self.redo) or self.next < self.count
+
     def answered(self, i: int, status: int, headers: dict[str, str], body: bytes) -> None:
         self.replies.status[i] = status
         if self.keep_bodies or not 200 <= status < 300:
@@ -433,52 +438,64 @@ class Connection(asyncio.Protocol):
         self._head, self._tail = head, tail
         return head, tail
 
-    def start(self, batch: Batch, i: int) -> None:
-        """Send request ``i`` of ``batch`` (the pool checked :attr:`free_streams`)."""
-        stream_id = self.next_stream_id
-        self.next_stream_id = stream_id + 2
-        if stream_id + 2 > http2.MAX_STREAM_ID:
-            self.usable = False  # ids exhausted: later requests go to a new connection
-        if batch is self._block_of and self.encoder.generation == self._block_generation:
-            head, tail = self._head, self._tail
-        else:
-            head, tail = self._blocks(batch)
-        bodies = batch.bodies
-        body = bodies if isinstance(bodies, bytes) else bodies[i]
-        if batch.shared_path is None:
-            block = b"".join((head, _path_field(batch.paths[i].encode()), tail))
-        else:
-            block = head
-        size = len(body)
-        if size:
-            block += batch.length_field or _length_field(size)
-            flags = _END_HEADERS
-        else:
-            flags = _END_HEADERS_AND_STREAM
-        out = self.out
-        stream = _Stream(batch, i, self.initial_window)
-        self.streams[stream_id] = stream
-        length = len(block)
-        if length <= self.max_frame_size:
-            out += (_pack_header(length >> 16, length & 0xFFFF, _HEADERS, flags, stream_id), block)
-        else:
-            out += http2.header_frames(
-                stream_id, block, end_stream=not size, max_frame_size=self.max_frame_size
-            )
-        if size:
-            if size <= self.send_window and size <= stream.window and size <= self.max_frame_size:
+    def start(self, batch: Batch, limit: int) -> int:
+        """Start up to ``limit`` of ``batch``'s waiting requests (the pool checked
+        :attr:`free_streams`); returns how many, fewer when the batch ran out."""
+        out, streams = self.out, self.streams
+        shared_path, bodies = batch.shared_path, batch.bodies
+        max_frame_size, window = self.max_frame_size, self.initial_window
+        started = 0
+        while started < limit:
+            i = batch.take()
+            if i < 0:
+                break
+            started += 1
+            stream_id = self.next_stream_id
+            self.next_stream_id = stream_id + 2
+            if stream_id + 2 > http2.MAX_STREAM_ID:
+                self.usable = False  # ids exhausted: later requests go to a new connection
+                limit = started
+            if batch is self._block_of and self.encoder.generation == self._block_generation:
+                head, tail = self._head, self._tail
+            else:
+                head, tail = self._blocks(batch)
+            body = bodies if isinstance(bodies, bytes) else bodies[i]
+            if shared_path is None:
+                block = b"".join((head, _path_field(batch.paths[i].encode()), tail))
+            else:
+                block = head
+            size = len(body)
+            if size:
+                block += batch.length_field or _length_field(size)
+                flags = _END_HEADERS
+            else:
+                flags = _END_HEADERS_AND_STREAM
+            stream = _Stream(batch, i, window)
+            streams[stream_id] = stream
+            length = len(block)
+            if length <= max_frame_size:
                 out += (
-                    _pack_header(size >> 16, size & 0xFFFF, _DATA, _END_STREAM, stream_id),
-                    body,
+                    _pack_header(length >> 16, length & 0xFFFF, _HEADERS, flags, stream_id),
+                    block,
                 )
+            else:
+                out += http2.header_frames(
+                    stream_id, block, end_stream=not size, max_frame_size=max_frame_size
+                )
+            if not size:
+                continue
+            if size <= self.send_window and size <= window and size <= max_frame_size:
+                head = _pack_header(size >> 16, size & 0xFFFF, _DATA, _END_STREAM, stream_id)
+                out += (head, body)
                 self.send_window -= size
                 stream.window -= size
             else:
                 stream.unsent = memoryview(body)
                 self._send_body(stream_id, stream)
-        if not self.dirty:
+        if started and not self.dirty:
             self.dirty = True
             self.loop.call_soon(self.flush)
+        return started
 
     def _send_body(self, stream_id: int, stream: _Stream) -> None:
         """As much of the stream's body as the windows allow; the rest waits."""
