@@ -14,10 +14,12 @@ from pushfan.emulators.credentials import Credentials
 from pushfan.emulators.runner import Emulators
 from pushfan.emulators.server import HttpServer, ServerOptions
 from pushfan.errors import SetupError
+from pushfan.settings import load_settings
 from schemas import NotificationJob
 from worker.render import render_apns, render_fcm
 from worker.senders.apns import ApnsSender, ProviderToken
 from worker.senders.base import OutcomeKind
+from worker.senders.factory import build_senders, traffic_of
 from worker.senders.fcm import FcmSender, TokenSource, static_credentials
 from worker.senders.h2ref import H2RefPool
 
@@ -224,3 +226,28 @@ async def test_a_server_without_http2_is_a_setup_error(emulators: Emulators) -> 
     finally:
         await sender.close()
         await server.stop()
+
+
+async def test_the_factory_builds_h2_by_setting(
+    emulators: Emulators, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PUSHFAN_FCM__IMPLEMENTATION", "h2")
+    monkeypatch.setenv("PUSHFAN_APNS__IMPLEMENTATION", "h2")
+    settings = emulators.apply(load_settings())
+    assert (settings.fcm.implementation, settings.apns.implementation) == ("h2", "h2")
+    senders = build_senders(settings, ("android", "ios"))
+    fcm, apns = senders["android"], senders["ios"]
+    assert isinstance(fcm, FcmSender)
+    assert isinstance(fcm.pool, H2RefPool)
+    assert isinstance(apns, ApnsSender)
+    assert isinstance(apns.pool, H2RefPool)
+
+    fcm_outcomes = await fcm.send([fcm_token(7)], render_fcm(_job()))
+    apns_outcomes = await apns.send([apns_token(7)], render_apns(_job(), topic=TOPIC))
+    await fcm.close()
+    await apns.close()
+
+    assert [o.kind for o in [*fcm_outcomes, *apns_outcomes]] == [OutcomeKind.DELIVERED] * 2
+    traffic = traffic_of(fcm)
+    assert traffic is not None
+    assert traffic.classes["2xx"] == 1
