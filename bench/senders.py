@@ -80,7 +80,8 @@ def start_emulator_process(cpu: int | None) -> EmulatorProcess:
     return EmulatorProcess(proc, state, urlsplit(fcm_url).port or 0, urlsplit(apns_url).port or 0)
 
 
-def _job() -> NotificationJob:
+def sender_job() -> NotificationJob:
+    """The job every sender benchmark renders (a title, a body and one data field)."""
     now = datetime.now(UTC)
     return NotificationJob.model_validate(
         {
@@ -102,9 +103,10 @@ def apns_tokens(n: int) -> list[str]:
     return [f"{i:064x}" for i in range(n)]
 
 
-async def _timed(
+async def timed(
     n: int, batch: int, send: Callable[[list[str]], Awaitable[int]], tokens: list[str]
 ) -> tuple[float, int]:
+    """``tokens[:n]`` through ``send`` in batches: seconds taken, and what ``send`` counted."""
     t0 = time.perf_counter()
     delivered = 0
     for i in range(0, n, batch):
@@ -117,14 +119,14 @@ async def lean_fcm(em: EmulatorProcess, n: int) -> tuple[float, int]:
     pool = H2Pool("127.0.0.1", em.fcm_port, ssl_context=creds.client_ssl_context())
     source = TokenSource(static_credentials(STATIC_TOKEN), refreshable=False)
     sender = FcmSender(pool, creds.fcm_project_id, source)
-    message = render_fcm(_job())
+    message = render_fcm(sender_job())
 
     async def send(tokens: list[str]) -> int:
         outcomes = await sender.send(tokens, message)
         return sum(o.kind is OutcomeKind.DELIVERED for o in outcomes)
 
     try:
-        return await _timed(n, 1000, send, fcm_tokens(n))
+        return await timed(n, 1000, send, fcm_tokens(n))
     finally:
         await sender.close()
 
@@ -134,14 +136,14 @@ async def lean_apns(em: EmulatorProcess, n: int) -> tuple[float, int]:
     pool = H2Pool("127.0.0.1", em.apns_port, ssl_context=creds.client_ssl_context())
     token = ProviderToken(creds.apns_key_file.read_text(), creds.apns_key_id, creds.apns_team_id)
     sender = ApnsSender(pool, token)
-    message = render_apns(_job(), topic=TOPIC)
+    message = render_apns(sender_job(), topic=TOPIC)
 
     async def send(tokens: list[str]) -> int:
         outcomes = await sender.send(tokens, message)
         return sum(o.kind is OutcomeKind.DELIVERED for o in outcomes)
 
     try:
-        return await _timed(n, 1000, send, apns_tokens(n))
+        return await timed(n, 1000, send, apns_tokens(n))
     finally:
         await sender.close()
 
@@ -170,7 +172,7 @@ async def sdk_fcm(em: EmulatorProcess, n: int) -> tuple[float, int]:
         result = await messaging.send_each_for_multicast_async(batch, app=app)
         return int(result.success_count)
 
-    return await _timed(n, 500, send, fcm_tokens(n))
+    return await timed(n, 500, send, fcm_tokens(n))
 
 
 async def sdk_apns(em: EmulatorProcess, n: int) -> tuple[float, int]:
@@ -203,7 +205,7 @@ async def sdk_apns(em: EmulatorProcess, n: int) -> tuple[float, int]:
         )
         return sum(r.is_successful for r in results)
 
-    return await _timed(n, 1000, send, apns_tokens(n))
+    return await timed(n, 1000, send, apns_tokens(n))
 
 
 def run(n: int, baseline_n: int) -> None:
