@@ -1,8 +1,8 @@
 """The HTTP/2 senders against nghttpd: the lean pool, the ``h2``-library pool, the SDKs.
 
 ``make bench ARGS="--only h2"``. nghttpd, a C server, answers every send with a canned
-200 (``bench/nghttpd.py``) on one core; each client runs alone on the other core, in a
-process of its own, one after another:
+200 (``bench/nghttpd.py``) on one core; each client runs on the other core, in a process
+of its own, one after another:
 
 - ``h2load``, nghttp2's C load generator, with the senders' connections, streams, headers
   and bodies: what the server sustains when the client costs next to nothing;
@@ -13,8 +13,10 @@ process of its own, one after another:
 
 Per client: messages a second; CPU per message (the process's CPU time over the measured
 messages, its threads included); the outcomes counted (every message answered 200, or
-what else came back); and how busy nghttpd's core was meanwhile: well below 100%, the
-server was not the limit.
+what else came back); its share of its core and the share other processes took (on a
+shared machine they take some, and the rate drops while CPU a message holds); and how
+busy nghttpd's core was: well below 100%, the server was not the limit. Ratios are of
+rates, and of CPU a message, which other processes disturb less.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -61,6 +64,7 @@ class Result:
     cpu_s: float  # the client's CPU time over the measured messages
     outcomes: dict[str, int]  # "200" for delivered, else kind:reason
     server_busy: float  # nghttpd's share of its core meanwhile
+    core_busy: float  # how busy the client's core was meanwhile, whoever used it
 
     @property
     def rate(self) -> float:
@@ -73,10 +77,12 @@ class Result:
             if ok == self.count
             else f"{ok:,} of {self.count:,} answered 200, {self._others()}"
         )
-        cpu = f"{self.cpu_s / self.count * 1e6:>6,.0f} us CPU/msg" if self.cpu_s else " " * 17
+        own = self.cpu_s / self.seconds
+        others = max(0.0, self.core_busy - own)
         return (
-            f"{self.name:<22} {self.rate:>9,.0f} msg/s  {cpu}  {answered};"
-            f" nghttpd {self.server_busy:.0%} of its core"
+            f"{self.name:<19} {self.rate:>8,.0f} msg/s {self.cpu_s / self.count * 1e6:>6,.0f} us"
+            f" CPU/msg  {answered}; client {own:.0%} of its core, other processes"
+            f" {others:.0%}; nghttpd {self.server_busy:.0%} of its core"
         )
 
     def _others(self) -> str:
@@ -84,6 +90,23 @@ class Result:
 
 
 # -- in the sender's own process ----------------------------------------------------------
+
+
+def core_ticks(cpu: int | None) -> tuple[int, int]:
+    """Busy and all ticks of ``cpu`` so far (``/proc/stat``; the whole machine: None)."""
+    name = "cpu" if cpu is None else f"cpu{cpu}"
+    with open("/proc/stat") as f:
+        for line in f:
+            parts = line.split()
+            if parts and parts[0] == name:
+                t = [int(x) for x in parts[1:9]]  # ... idle iowait ...
+                return sum(t) - t[3] - t[4], sum(t)
+    raise RuntimeError(f"{name} not in /proc/stat")
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total else 0.0
 
 
 def rendered(platform: Platform) -> Message:
@@ -137,16 +160,25 @@ async def _measure(platform: Platform, n: int, server_pid: int) -> dict[str, Any
         return 0
 
     hz = os.sysconf("SC_CLK_TCK")
+    mine = os.sched_getaffinity(0)
+    core = next(iter(mine)) if len(mine) == 1 else None
     try:
         await send(tokens[n:])  # the warm-up, on tokens not measured
         outcomes.clear()
-        server0, cpu0 = cpu_ticks(server_pid), time.process_time()
+        server0, cpu0, core0 = cpu_ticks(server_pid), time.process_time(), core_ticks(core)
         seconds, _ = await timed(n, BATCH, send, tokens[:n])
         cpu = time.process_time() - cpu0
         busy = (cpu_ticks(server_pid) - server0) / hz / seconds
+        core_busy = busy_share(core0, core_ticks(core))
     finally:
         await sender.close()
-    return {"seconds": seconds, "cpu_s": cpu, "outcomes": outcomes, "server_busy": busy}
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "outcomes": outcomes,
+        "server_busy": busy,
+        "core_busy": core_busy,
+    }
 
 
 def _child(argv: list[str]) -> None:
@@ -193,7 +225,7 @@ def run_sender(
         raise RuntimeError(f"{service} {impl} failed:\n{done.stderr[-3000:]}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
     name = f"{'FCM' if service == 'fcm' else 'APNs'} {NAMES.get(impl, NAMES[f'sdk-{service}'])}"
-    return Result(name, n, out["seconds"], out["cpu_s"], out["outcomes"], out["server_busy"])
+    return Result(name, n, **out)
 
 
 def run_h2load(
@@ -218,9 +250,13 @@ def run_h2load(
     cmd += ["-d", str(work / f"{service}.body"), "-i", str(work / f"{service}.uris")]
     cmd += [a for h in headers for a in ("-H", h)]
     hz = os.sysconf("SC_CLK_TCK")
-    server0, t0 = cpu_ticks(server.pid), time.perf_counter()
+    server0, core0, t0 = cpu_ticks(server.pid), core_ticks(cpu), time.perf_counter()
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(_pinned(cmd, cpu), capture_output=True, text=True, timeout=600)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy = (cpu_ticks(server.pid) - server0) / hz / (time.perf_counter() - t0)
+    core_busy = busy_share(core0, core_ticks(cpu))
+    cpu_s = sum(getattr(children, f) - getattr(children0, f) for f in ("ru_utime", "ru_stime"))
     finished = re.search(r"finished in ([\d.]+)(m?s),", done.stdout)
     codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", done.stdout)
     if done.returncode != 0 or finished is None or codes is None:
@@ -229,7 +265,8 @@ def run_h2load(
     ok = int(codes[1])
     outcomes = {"200": ok, **({"not 2xx or no answer": n - ok} if ok != n else {})}
     name = f"{'FCM' if service == 'fcm' else 'APNs'} h2load"
-    return Result(name, n, seconds, 0.0, outcomes, busy)
+    # Its CPU and its core's share cover its start and TLS handshakes too (a few ms).
+    return Result(name, n, seconds, cpu_s, outcomes, busy, core_busy)
 
 
 def run(n: int, sdk_n: int) -> None:
@@ -238,7 +275,7 @@ def run(n: int, sdk_n: int) -> None:
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, client_cpu = (cpus[-1], cpus[0]) if len(cpus) > 1 else (None, None)
     where = (
-        f"nghttpd on cpu {server_cpu}, each client alone on cpu {client_cpu}"
+        f"nghttpd on cpu {server_cpu}, one client at a time on cpu {client_cpu}"
         if server_cpu is not None
         else "one core: nothing pinned"
     )
@@ -264,13 +301,18 @@ def run(n: int, sdk_n: int) -> None:
     for result in rows.values():
         print(result.line())
     for service, sdk in (("fcm", "firebase-admin"), ("apns", "aioapns")):
-        lean = rows[service, "lean"].rate
+        lean = rows[service, "lean"]
+        h2, baseline = _ratio(lean, rows[service, "h2"]), _ratio(lean, rows[service, "sdk"])
+        tool = lean.rate / rows[service, "h2load"].rate
         print(
-            f"{'FCM' if service == 'fcm' else 'APNs'} ratios: lean / h2 library"
-            f" {lean / rows[service, 'h2'].rate:.1f}x, lean / {sdk}"
-            f" {lean / rows[service, 'sdk'].rate:.1f}x, lean / h2load"
-            f" {lean / rows[service, 'h2load'].rate:.2f}"
+            f"{'FCM' if service == 'fcm' else 'APNs'} ratios by rate: lean / h2 library {h2},"
+            f" lean / {sdk} {baseline}, lean / h2load {tool:.2f}"
         )
+
+
+def _ratio(lean: Result, other: Result) -> str:
+    by_cpu = (other.cpu_s / other.count) / (lean.cpu_s / lean.count)
+    return f"{lean.rate / other.rate:.1f}x (by CPU a message {by_cpu:.1f}x)"
 
 
 if __name__ == "__main__":
