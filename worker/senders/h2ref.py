@@ -60,13 +60,13 @@ class _Connection(asyncio.Protocol):
         self.streams: dict[int, _Stream] = {}
         self.unread = b""  # the start of a frame not yet whole
         self.usable = self.flush_scheduled = False
+        self.max_concurrent = 0  # the server's MAX_CONCURRENT_STREAMS, once it is known
         self.window_opened = asyncio.Event()  # replaced by a new one each time it is set
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
     def free_streams(self) -> int:
-        limit = min(self.h2.remote_settings.max_concurrent_streams, self.pool.max_streams)
-        return limit - len(self.streams) if self.usable else 0
+        return min(self.max_concurrent, self.pool.max_streams) - len(self.streams)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -103,7 +103,7 @@ class _Connection(asyncio.Protocol):
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.usable, self.transport = False, None
+        self.usable, self.max_concurrent, self.transport = False, 0, None
         if not self.ready.done():
             self.ready.set_exception(H2Error(f"connection lost: {exc}", retryable=True))
         self._fail_all(H2Error("connection lost", retryable=True))  # maybe processed
@@ -135,6 +135,7 @@ class _Connection(asyncio.Protocol):
             error = H2Error(f"RST_STREAM {name}", retryable=True, unprocessed=refused)
             self._fail(event.stream_id, error)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self.max_concurrent = self.h2.remote_settings.max_concurrent_streams
             if not self.ready.done():
                 self.usable = True
                 self.ready.set_result(None)
@@ -213,7 +214,7 @@ class _Connection(asyncio.Protocol):
             self.transport.write(data)
 
     def close(self) -> None:
-        self.usable = False
+        self.usable, self.max_concurrent = False, 0
         if self.transport is not None:
             self.transport.close()
 
