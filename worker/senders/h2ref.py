@@ -177,9 +177,9 @@ class _Connection(asyncio.Protocol):
         stream_id = self.h2.get_next_available_stream_id()
         future: asyncio.Future[H2Response] = asyncio.get_running_loop().create_future()
         self.streams[stream_id] = _Stream(future)
+        unsent = memoryview(body)
         try:
             self.h2.send_headers(stream_id, fields, end_stream=not body)
-            unsent = memoryview(body)
             while unsent and not future.done():
                 window = self.h2.local_flow_control_window(stream_id)
                 size = min(window, self.h2.max_outbound_frame_size, len(unsent))
@@ -195,7 +195,8 @@ class _Connection(asyncio.Protocol):
         try:
             return await future
         finally:
-            if self.streams.pop(stream_id, None) is not None:  # cancelled at the deadline
+            # Cancelled at the deadline, or answered before the whole body was sent.
+            if self.streams.pop(stream_id, None) is not None or unsent:
                 with contextlib.suppress(h2.exceptions.H2Error):
                     self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
                 self.schedule_flush()
@@ -336,7 +337,11 @@ class H2RefPool:
             _, conn = await loop.create_connection(
                 lambda: _Connection(self), self.host, self.port, ssl=self.ssl_context
             )
-            await conn.ready
+            try:
+                await conn.ready
+            except BaseException:  # refused, lost, or the request's deadline
+                conn.close()
+                raise
             self.connects += 1
             self.connections.append(conn)
         except (OSError, H2Error, SetupError) as exc:
