@@ -22,6 +22,7 @@ import asyncpg
 from bench.cleanup import bench_cleanup
 from bench.fanout import LatencyBound
 from bench.fanout import run as bench_fanout
+from bench.h2 import run as bench_h2
 from bench.nghttpd import NGHTTPD
 from bench.registry import run as bench_registry
 from bench.senders import run as bench_senders
@@ -185,7 +186,8 @@ async def _seed(conn: asyncpg.Connection, users: int) -> None:
     await conn.execute("ANALYZE")
 
 
-STAGES = ["decode", "broker", "page", "cleanup", "registry", "fanout", "senders"]
+STAGES = ["decode", "broker", "page", "cleanup", "registry", "fanout", "senders", "h2"]
+ON_THEIR_OWN = {"senders", "h2"}  # need neither the broker nor PostgreSQL
 
 
 async def _main(settings: Settings, args: argparse.Namespace) -> None:
@@ -208,6 +210,15 @@ def main() -> None:
     parser.add_argument("--sends", type=int, default=20_000, help="tokens per lean sender")
     parser.add_argument(
         "--baseline-sends", type=int, default=2_000, help="tokens per SDK baseline sender"
+    )
+    parser.add_argument(
+        "--h2-sends",
+        type=int,
+        default=50_000,
+        help="h2: tokens per lean and h2-library sender (and h2load requests)",
+    )
+    parser.add_argument(
+        "--h2-baseline-sends", type=int, default=3_000, help="h2: tokens per SDK sender"
     )
     parser.add_argument(
         "--dead", type=int, default=100_000, help="invalid-token events for the cleanup consumer"
@@ -262,6 +273,17 @@ def main() -> None:
     )
     args = parser.parse_args()
     configure_logging(LoggingSettings(level="WARNING"))
+    if set(args.only) - ON_THEIR_OWN:
+        _with_stack(args)
+    if "senders" in args.only:
+        # They pin this process to one core and the emulators to the other.
+        bench_senders(args.sends, args.baseline_sends)
+    if "h2" in args.only:
+        # nghttpd on one core, each client in a process of its own on the other.
+        bench_h2(args.h2_sends, args.h2_baseline_sends)
+
+
+def _with_stack(args: argparse.Namespace) -> None:
     settings = load_settings()
     stack = start_stack(settings, purpose="pushfan_bench")
     try:
@@ -296,9 +318,6 @@ def main() -> None:
             )
     finally:
         stack.close()
-    if "senders" in args.only:
-        # Last: they pin this process to one core and the emulators to the other.
-        bench_senders(args.sends, args.baseline_sends)
 
 
 if __name__ == "__main__":

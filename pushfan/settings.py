@@ -138,8 +138,10 @@ class LoggingSettings(_Section):
 
 
 class FcmSettings(_Section):
-    implementation: Literal["lean", "sdk"] = Field(
-        "lean", description="lean: our HTTP/2 sender; sdk: firebase-admin (the reference)."
+    implementation: Literal["lean", "h2", "sdk"] = Field(
+        "lean",
+        description="lean: our HTTP/2 client; h2: the lean sender on the h2 library"
+        " (a reference); sdk: firebase-admin (the reference).",
     )
     endpoint: str = Field("https://fcm.googleapis.com", description="FCM HTTP v1 origin.")
     project_id: str | None = Field(None, description="Firebase project (default: the account's).")
@@ -156,8 +158,10 @@ class FcmSettings(_Section):
 
 
 class ApnsSettings(_Section):
-    implementation: Literal["lean", "sdk"] = Field(
-        "lean", description="lean: our HTTP/2 sender; sdk: aioapns (the reference)."
+    implementation: Literal["lean", "h2", "sdk"] = Field(
+        "lean",
+        description="lean: our HTTP/2 client; h2: the lean sender on the h2 library"
+        " (a reference); sdk: aioapns (the reference).",
     )
     endpoint: str = Field(
         "https://api.push.apple.com", description="APNs origin (sandbox: api.sandbox...)."

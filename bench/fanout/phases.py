@@ -223,7 +223,7 @@ async def one_core(
     users: int,
     where: Placement,
     logdir: Path,
-    implementations: tuple[str, ...] = ("lean",),
+    implementations: tuple[str, ...] = ("lean", "h2"),
 ) -> None:
     """Issue #9's figure: one worker alone on its core against ``nghttpd`` (a C server
     answering every send with a canned 200, on the other core with PostgreSQL and the

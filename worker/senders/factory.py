@@ -18,6 +18,7 @@ from pushfan.settings import ApnsSettings, FcmSettings, Settings
 from schemas import Platform
 from worker.senders.apns import ApnsSender, ProviderToken
 from worker.senders.base import Sender
+from worker.senders.exchange import Exchange
 from worker.senders.fcm import (
     AccessCredentials,
     FcmSender,
@@ -26,6 +27,7 @@ from worker.senders.fcm import (
     static_credentials,
 )
 from worker.senders.h2client import H2Pool
+from worker.senders.h2ref import H2RefPool
 
 
 def _origin(url: str) -> tuple[str, int]:
@@ -48,6 +50,19 @@ def _tls(ca_file: object) -> ssl.SSLContext:
 def _pool(s: FcmSettings | ApnsSettings) -> H2Pool:
     host, port = _origin(s.endpoint)
     return H2Pool(
+        host,
+        port,
+        ssl_context=_tls(s.ca_file),
+        max_connections=s.max_connections,
+        max_in_flight=s.concurrency,
+        timeout_s=s.timeout_s,
+    )
+
+
+def _ref_pool(s: FcmSettings | ApnsSettings) -> H2RefPool:
+    """The reference pool on the ``h2`` library, for ``implementation = "h2"``."""
+    host, port = _origin(s.endpoint)
+    return H2RefPool(
         host,
         port,
         ssl_context=_tls(s.ca_file),
@@ -81,9 +96,9 @@ def _fcm_credentials(s: FcmSettings) -> tuple[AccessCredentials, str, bool]:
     return creds, str(project), True
 
 
-def lean_fcm(settings: Settings) -> Sender:
+def lean_fcm(settings: Settings, pool_of: Callable[[FcmSettings], Exchange] = _pool) -> Sender:
     s = settings.fcm
-    pool = _pool(s)
+    pool = pool_of(s)
     creds, project, refreshable = _fcm_credentials(s)
     source = TokenSource(creds, refreshable=refreshable, ca_file=s.ca_file)
     return FcmSender(pool, project, source)
@@ -105,9 +120,9 @@ def _apns_key(s: ApnsSettings) -> tuple[str, str, str, str]:
     return key, s.key_id, s.team_id, s.topic
 
 
-def lean_apns(settings: Settings) -> Sender:
+def lean_apns(settings: Settings, pool_of: Callable[[ApnsSettings], Exchange] = _pool) -> Sender:
     s = settings.apns
-    pool = _pool(s)  # endpoint and CA first, as for FCM
+    pool = pool_of(s)  # endpoint and CA first, as for FCM
     key, key_id, team_id, _topic = _apns_key(s)
     token = ProviderToken(key, key_id, team_id, refresh_s=s.token_refresh_s)
     try:
@@ -177,8 +192,10 @@ def sdk_apns(settings: Settings) -> Sender:
 
 SENDERS: dict[tuple[str, str], Callable[[Settings], Sender]] = {
     ("fcm", "lean"): lean_fcm,
+    ("fcm", "h2"): lambda settings: lean_fcm(settings, _ref_pool),
     ("fcm", "sdk"): sdk_fcm,
     ("apns", "lean"): lean_apns,
+    ("apns", "h2"): lambda settings: lean_apns(settings, _ref_pool),
     ("apns", "sdk"): sdk_apns,
 }
 
@@ -187,9 +204,9 @@ SERVICE: dict[Platform, str] = {"android": "fcm", "web": "fcm", "ios": "apns"}
 
 
 def traffic_of(sender: Sender) -> Traffic | None:
-    """The lean senders' connection-pool counts (the SDK senders keep none)."""
+    """The lean senders' connection-pool counts, on either pool (the SDKs keep none)."""
     pool = getattr(sender, "pool", None)
-    return pool.traffic if isinstance(pool, H2Pool) else None
+    return pool.traffic if isinstance(pool, H2Pool | H2RefPool) else None
 
 
 def build_senders(settings: Settings, platforms: tuple[Platform, ...]) -> dict[Platform, Sender]:
