@@ -385,6 +385,7 @@ class HeaderDecoder:
     ) -> None:
         self.decoder = decoder if decoder is not None else hpack.Decoder()
         self._cache: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._statuses: dict[bytes, int] = {}
         self._cache_size = cache_size
         self._longest = longest  # longer blocks are not worth remembering
 
@@ -403,7 +404,19 @@ class HeaderDecoder:
 
         A client that keeps nothing of a 2xx answer but its status (an APNs 200 carries
         a fresh ``apns-id`` every time, so it is never the same block twice) saves
-        hpack's ~10 us a block. Indexes and string lengths are not validated here."""
+        hpack's ~10 us a block. Indexes and string lengths are not validated here. The
+        answer depends on the bytes alone, so repeated blocks are looked up."""
+        known = self._statuses.get(block)
+        if known is not None:
+            return known
+        status = self._scan_status(block)
+        if len(self._statuses) >= self._cache_size:
+            self._statuses.clear()
+        self._statuses[block] = status
+        return status
+
+    @staticmethod
+    def _scan_status(block: bytes) -> int:
         if not block:
             return 0
         status = _STATIC_STATUS.get(block[0], 0)

@@ -10,8 +10,8 @@ per user. The query reads ``device_tokens_active_user_idx`` (partial on ``is_act
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, time
+from typing import NamedTuple
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -52,9 +52,11 @@ SELECT t.id,
 """
 
 
-@dataclass(frozen=True, slots=True)
-class PageToken:
-    """One active token of a page's user, with that user's policy for this job's type."""
+class PageToken(NamedTuple):
+    """One active token of a page's user, with that user's policy for this job's type.
+
+    A named tuple rather than a dataclass: a page makes thousands, straight from the
+    query's rows (``_make``, in C), at a third of a dataclass's cost each."""
 
     id: int
     user_id: str
@@ -91,4 +93,5 @@ async def fetch_page_tokens(
         cap_since,
         job_id,
     )
-    return [PageToken(*row) for row in rows]
+    make = PageToken._make
+    return [make(row) for row in rows]

@@ -115,4 +115,14 @@ def start_worker(settings: Settings, name: str, cpus: Cpus, logdir: Path) -> Wor
         cwd=ROOT,
         preexec_fn=setup,
     )
+    spy_dir = os.environ.get("BENCH_PYSPY_DIR")
+    if spy_dir and shutil.which("py-spy"):
+        # Sampling rather than tracing: the profile keeps the worker's own proportions.
+        out = Path(spy_dir) / f"{name.replace(' ', '-').replace(':', '').replace(',', '')}.txt"
+        subprocess.Popen(
+            ["py-spy", "record", "--pid", str(proc.pid), "--format", "raw", "--rate", "250"]
+            + ["--nonblocking", "--output", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     return WorkerProcess(name, proc, port, cpu_name(cpus), log_path, log)
