@@ -18,7 +18,7 @@ import asyncio
 import functools
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import hpack.exceptions
 
@@ -215,7 +215,7 @@ class Connection(asyncio.Protocol):
         return min(self.max_concurrent, self.pool.max_streams) - len(self.streams)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
