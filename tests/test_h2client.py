@@ -12,74 +12,15 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import hpack
 import pytest
 
 from pushfan import http2
 from pushfan.emulators.credentials import Credentials, ensure_credentials
 from pushfan.errors import SetupError
+from tests.h2peer import Peer, PeerServer, Script
 from worker.senders.exchange import H2Error
 from worker.senders.h2client import H2Pool
 
-Frame = tuple[int, int, int, bytes]
-
-
-class Peer:
-    """One accepted client connection, read and written frame by frame."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.frames = http2.FrameReader(max_frame_size=1 << 20)
-        self.pending: list[Frame] = []
-        self.decoder = hpack.Decoder()
-        self.encoder = hpack.Encoder()
-
-    async def preface(self, settings: dict[int, int] | None = None) -> dict[int, int]:
-        """Read the client's preface and SETTINGS; send ours; return the client's."""
-        assert await self.reader.readexactly(len(http2.PREFACE)) == http2.PREFACE
-        kind, _, _, payload = await self.next_frame()
-        assert kind == http2.SETTINGS
-        self.send(http2.settings_frame(settings or {http2.MAX_CONCURRENT_STREAMS: 100}))
-        return http2.parse_settings(payload)
-
-    async def next_frame(self) -> Frame:
-        while not self.pending:
-            data = await self.reader.read(65536)
-            if not data:
-                raise EOFError
-            self.pending.extend(self.frames.feed(data))
-        return self.pending.pop(0)
-
-    async def next_of(self, kind: int) -> Frame:
-        while True:
-            got = await self.next_frame()
-            if got[0] == kind:
-                return got
-
-    async def request(self) -> tuple[int, dict[bytes, bytes], bytes]:
-        """The next request: stream id, headers and body."""
-        _, flags, stream_id, block = await self.next_of(http2.HEADERS)
-        headers = dict(self.decoder.decode(block, raw=True))
-        body = b""
-        while not flags & http2.END_STREAM:
-            kind, flags, sid, payload = await self.next_frame()
-            if kind == http2.DATA and sid == stream_id:
-                body += payload
-        return stream_id, headers, body
-
-    def headers_block(self, fields: list[tuple[str, str]]) -> bytes:
-        return bytes(self.encoder.encode(fields))
-
-    def headers(self, stream_id: int, fields: list[tuple[str, str]], *, end: bool) -> bytes:
-        """One HEADERS frame (END_STREAM if ``end``)."""
-        flags = http2.END_HEADERS | (http2.END_STREAM if end else 0)
-        return http2.frame(http2.HEADERS, flags, stream_id, self.headers_block(fields))
-
-    def send(self, *frames: bytes) -> None:
-        self.writer.write(b"".join(frames))
-
-
-Script = Callable[[Peer], Awaitable[None]]
 StartPeer = Callable[..., Awaitable[H2Pool]]
 
 
@@ -90,52 +31,16 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> Credentials:
 
 @pytest.fixture
 async def peer_server(creds: Credentials) -> AsyncIterator[StartPeer]:
-    servers: list[asyncio.Server] = []
-    pools: list[H2Pool] = []
-    scripts: list[asyncio.Future[None]] = []
+    """``await peer_server(script, **pool_options)``: a scripted server and a pool on it;
+    ``await peer_server.finished()`` re-raises what failed in a script."""
+    servers = PeerServer(creds)
 
     async def start(script: Script, **pool_options: float) -> H2Pool:
-        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            scripts.append(done)
-            try:
-                await script(Peer(reader, writer))
-                await writer.drain()
-            except (EOFError, ConnectionError):
-                pass  # the client went away first: the test's own asserts judge that
-            except BaseException as exc:  # an assert in the script: fail the test
-                done.set_exception(exc)
-            finally:
-                if not done.done():
-                    done.set_result(None)
-                writer.close()
+        return await servers.start(script, **pool_options)
 
-        context = creds.server_ssl_context()
-        context.set_alpn_protocols(["h2"])
-        server = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=context)
-        servers.append(server)
-        port = server.sockets[0].getsockname()[1]
-        pool = H2Pool(
-            "127.0.0.1",
-            port,
-            ssl_context=creds.client_ssl_context(),
-            **pool_options,  # type: ignore[arg-type]
-        )
-        pools.append(pool)
-        return pool
-
-    async def finished() -> None:
-        """Wait for every script to end; re-raise what failed in one."""
-        for done in scripts:
-            await asyncio.wait_for(asyncio.shield(done), 5)
-
-    start.finished = finished  # type: ignore[attr-defined]
+    start.finished = servers.finished  # type: ignore[attr-defined]
     yield start
-    for pool in pools:
-        await pool.close()
-    await finished()
-    for server in servers:
-        server.close()
+    await servers.close()
 
 
 async def test_headers_split_over_continuation_padding_and_trailers(peer_server: StartPeer) -> None:
