@@ -73,6 +73,7 @@ class Peer:
         self.received: list[Request] = []
         self.resets: list[tuple[int, int]] = []  # (stream id, error code) the client sent
         self.goaways: list[tuple[int, int]] = []  # (last stream id, error code)
+        self.window_updates: list[tuple[int, int]] = []  # (stream id, increment)
 
     async def preface(self, settings: dict[int, int] | None = None) -> dict[int, int]:
         """Read the client's preface and SETTINGS; send ours; return the client's."""
@@ -142,6 +143,7 @@ class Peer:
                     self._complete(stream_id)
         elif kind == http2.WINDOW_UPDATE:
             increment = http2.u32(payload) & http2.MAX_WINDOW
+            self.window_updates.append((stream_id, increment))
             if stream_id == 0:
                 self.send_window += increment
             elif stream_id in self.stream_windows:
@@ -178,13 +180,14 @@ class Peer:
         return [await self.next_request() for _ in range(count)]
 
     async def requests_until_idle(self, idle: float = 0.05) -> list[Request]:
-        """Every request that arrives until none has for ``idle`` seconds."""
+        """Every request that arrives until none has for ``idle`` seconds (or the client
+        closes the connection)."""
         got: list[Request] = []
         while True:
             try:
                 async with asyncio.timeout(idle):
                     got.append(await self.next_request())
-            except TimeoutError:
+            except (TimeoutError, EOFError, ConnectionError):
                 return got
 
     async def drain_until_closed(self) -> None:
@@ -233,6 +236,9 @@ class Peer:
         while views:
             sent = False
             for sid in list(views):
+                if sid not in self.stream_windows:  # the client reset it
+                    del views[sid]
+                    continue
                 view = views[sid]
                 size = min(len(view), frame_size, self.send_window, self.stream_windows[sid])
                 if size <= 0 and view:
