@@ -3,7 +3,12 @@
 The emulators (and the ``h2``-engine server in test_senders.py) show the client works
 with well-behaved servers; these tests send what real servers may also send and the
 emulators never do: CONTINUATION, padding, PING, informational answers, trailers,
-settings changed mid-flight, and protocol violations.
+settings changed mid-flight, and protocol violations. Then trouble in the middle of a
+send_many of 300 (GOAWAY, resets, a dropped connection, a silent server), counted by
+what the peer received; last, the bugs found in the current client, xfail until fixed.
+
+The peer is tests/h2peer.py; tests look inside the pool only through its
+``pending_streams``.
 """
 
 from __future__ import annotations
