@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from pushfan import http2
 from pushfan.emulators.credentials import Credentials, ensure_credentials
 from tests.h2peer import Peer, assert_complete, pending_streams
-from worker.senders.exchange import H2Error, Replies
+from worker.senders.exchange import H2Error
 from worker.senders.h2client import H2Pool
 
 Frame = tuple[int, int, int, bytes]
@@ -454,7 +454,7 @@ class FuzzPeer:
 
     async def end_example(self) -> None:
         """Wait for the example's connections to end; cut those the client left open (a
-        connect it gave up on: xfail in test_h2client.py)."""
+        connect it gave up on, which test_h2client.py checks never happens)."""
         if self.scripts:
             _, still = await asyncio.wait(self.scripts, timeout=1)
             if still:
@@ -492,29 +492,10 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
     loop.set_exception_handler(previous)
 
 
-# Known bugs of the current client (each pinned by an xfail test in test_h2client.py),
-# tolerated by the main property so that it keeps guarding everything else; the strict
-# xfail below fails while the fuzz still finds them.
-
-
-def _known_loop_error(context: dict[str, Any]) -> str | None:
-    exc = context.get("exception")
-    if isinstance(exc, ValueError) and "invalid literal for int()" in str(exc):
-        return "a non-numeric :status raised out of data_received"
-    if isinstance(exc, AttributeError) and "'_write_appdata'" in str(exc):
-        return "a write after a second transport.close() raised out of data_received"
-    return None
-
-
-def _answer_without_status(replies: Replies, i: int) -> bool:
-    answer = replies.answers.get(i)
-    return replies.status[i] == 0 and answer is not None and answer.status == 0
-
-
 async def run_example(
     fuzz_peer: FuzzPeer, loop_errors: list[dict[str, Any]], example: Example
-) -> list[str]:
-    """Run one example and check the properties; return the known bugs it hit."""
+) -> None:
+    """Run one example and check the properties."""
     note(repr(example))
     loop_errors.clear()
     fuzz_peer.begin(example)
@@ -529,18 +510,12 @@ async def run_example(
     count = len(example.body_sizes)
     paths = [f"/f/{i}" for i in range(count)]
     bodies = [b"y" * size for size in example.body_sizes]
-    known: list[str] = []
     try:
         started = time.monotonic()
         replies = await asyncio.wait_for(pool.send_many("POST", paths, [], bodies), TIMEOUT + SLACK)
         elapsed = time.monotonic() - started
 
         assert elapsed < TIMEOUT + SLACK
-        for i in range(count):
-            if _answer_without_status(replies, i):
-                known.append("answer without a status")
-                replies.errors[i] = H2Error("known bug", retryable=True)
-                del replies.answers[i]
         assert_complete(replies, count)
         assert all(isinstance(e, H2Error) for e in replies.errors.values())
         # what the examples came to: pytest --hypothesis-show-statistics
@@ -553,12 +528,7 @@ async def run_example(
         await asyncio.wait_for(pool.close(), 5)
         await fuzz_peer.end_example()
     await asyncio.sleep(0)  # let a connection's last callbacks run before judging
-    for context in loop_errors:
-        bug = _known_loop_error(context)
-        if bug is None:
-            raise AssertionError(f"reached the event loop: {context}")
-        known.append(bug)
-    return known
+    assert not loop_errors, f"reached the event loop: {loop_errors}"
 
 
 # For a local hunt: PUSHFAN_H2_FUZZ_EXAMPLES=2000. A failing example is printed as it
@@ -584,19 +554,3 @@ async def test_send_many_survives_any_frames(
     fuzz_peer: FuzzPeer, loop_errors: list[dict[str, Any]], example: Example
 ) -> None:
     await run_example(fuzz_peer, loop_errors, example)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the fuzz finds the current client's known bugs (each pinned in"
-    " test_h2client.py): an answer whose :status is missing or 0 comes back as status 0"
-    " with no error; a non-numeric :status raises ValueError out of data_received; frames"
-    " after a closing GOAWAY close the SSL transport twice and the next write raises"
-    " AttributeError out of data_received",
-)
-@settings(_FUZZ_SETTINGS, max_examples=60)
-@given(example=EXAMPLES)
-async def test_send_many_survives_any_frames_without_the_known_bugs(
-    fuzz_peer: FuzzPeer, loop_errors: list[dict[str, Any]], example: Example
-) -> None:
-    assert await run_example(fuzz_peer, loop_errors, example) == []

@@ -119,9 +119,9 @@ def start_worker(settings: Settings, name: str, cpus: Cpus, logdir: Path) -> Wor
     if spy_dir and shutil.which("py-spy"):
         # Sampling rather than tracing: the profile keeps the worker's own proportions.
         out = Path(spy_dir) / f"{name.replace(' ', '-').replace(':', '').replace(',', '')}.txt"
+        spy = ["py-spy", "record", "--pid", str(proc.pid), "--format", "raw", "--rate", "250"]
         subprocess.Popen(
-            ["py-spy", "record", "--pid", str(proc.pid), "--format", "raw", "--rate", "250"]
-            + ["--nonblocking", "--output", str(out)],
+            [*spy, "--nonblocking", "--output", str(out)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

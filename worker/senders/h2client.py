@@ -218,6 +218,8 @@ class H2Pool:
     async def _connect(self) -> None:
         """Open one connection; only one runs at a time. Then starts waiting requests."""
         loop = asyncio.get_running_loop()
+        conn: Connection | None = None
+        kept = False
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
@@ -236,9 +238,14 @@ class H2Pool:
             self._failed_until = time.monotonic() + self.reconnect_backoff_s
             self._last_error = H2Error(f"connect failed: {exc!r}", retryable=True)
         else:
-            self.connects += 1
-            self.connections.append(conn)
-        self._connecting = None
+            if not self._closed:
+                kept = True
+                self.connects += 1
+                self.connections.append(conn)
+        finally:
+            if conn is not None and not kept:
+                conn.close()  # its SETTINGS never came, or the pool closed meanwhile
+            self._connecting = None
         if self._closed:
             self._fail_queue(H2Error("pool closed", retryable=True))
         else:

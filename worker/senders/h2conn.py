@@ -48,6 +48,14 @@ _END_HEADERS_AND_STREAM = http2.END_HEADERS | http2.END_STREAM
 _HEADERS, _DATA, _END_STREAM = http2.HEADERS, http2.DATA, http2.END_STREAM
 
 
+def _status(value: bytes) -> int:
+    """A ``:status`` value as a number; 0 (malformed: the stream fails) unless it is three
+    digits from 100 to 599."""
+    if len(value) == 3 and value.isdigit() and b"1" <= value[:1] <= b"5":
+        return int(value)
+    return 0
+
+
 @functools.lru_cache(maxsize=4096)
 def _length_field(size: int) -> bytes:
     return http2.encode_field(b"content-length", str(size).encode())
@@ -199,6 +207,7 @@ class Connection(asyncio.Protocol):
         self.send_window = http2.DEFAULT_WINDOW
         self.unacked = 0  # connection-level received bytes not yet acknowledged
         self.usable = False
+        self.closed = False  # we closed it: later frames are not read, nothing is written
         self.dirty = False
         self.released = False  # a stream ended: the pool may start waiting requests
         self.now = self.loop.time()
@@ -236,7 +245,7 @@ class Connection(asyncio.Protocol):
         frame = self._frame
         try:
             # Frames are cut here rather than by a generator: this loop runs per response.
-            while end - offset >= 9:
+            while end - offset >= 9 and not self.closed:
                 high, low, kind, flags, stream_id = _unpack_header(data, offset)
                 size = (high << 16) | low
                 if size > http2.DEFAULT_FRAME_SIZE:  # what we advertise
@@ -359,7 +368,7 @@ class Connection(asyncio.Protocol):
         if stream.status == 0:  # not trailers
             # Pseudo-headers come first (RFC 9113 8.3), so :status is the first field.
             if fields and fields[0][0] == b":status":
-                stream.status = int(fields[0][1])
+                stream.status = _status(fields[0][1])
             keep = stream.batch.keep_bodies or not 200 <= stream.status < 300
             if 100 <= stream.status < 200:
                 stream.status = 0  # informational: the real answer follows
@@ -399,11 +408,17 @@ class Connection(asyncio.Protocol):
             if increment == 0:
                 raise http2.ConnectionError_(http2.PROTOCOL_ERROR, "zero WINDOW_UPDATE")
             self.send_window += increment
+            if self.send_window > http2.MAX_WINDOW:
+                raise http2.ConnectionError_(http2.FLOW_CONTROL_ERROR, "window past 2^31-1")
         else:
             stream = self.streams.get(stream_id)
             if stream is None:
                 return
             stream.window += increment
+            if stream.window > http2.MAX_WINDOW:  # RFC 9113 6.9.1: a stream error
+                self.out.append(http2.rst_stream(stream_id, http2.FLOW_CONTROL_ERROR))
+                self._fail(stream_id, H2Error("FLOW_CONTROL_ERROR", retryable=True))
+                return
         if self.blocked:
             self._send_blocked()
 
@@ -577,10 +592,11 @@ class Connection(asyncio.Protocol):
         self.dirty = False
         if self.out:
             out, self.out = self.out, []
-            if self.transport is not None:
+            if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(b"".join(out))
 
     def close(self) -> None:
         self.usable = False
-        if self.transport is not None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
             self.transport.close()
