@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -19,11 +18,11 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from bench import nghttpd
 from bench.cleanup import bench_cleanup
 from bench.fanout import LatencyBound
 from bench.fanout import run as bench_fanout
 from bench.h2 import run as bench_h2
-from bench.nghttpd import NGHTTPD
 from bench.registry import run as bench_registry
 from bench.senders import run as bench_senders
 from pushfan.db import migrate
@@ -61,7 +60,7 @@ def _job(i: int) -> NotificationJob:
 
 
 def _nghttpd_found() -> bool:
-    if shutil.which(NGHTTPD) or shutil.which(NGHTTPD, path="/usr/sbin:/sbin"):
+    if nghttpd.binary():
         return True
     print("fanout one core: skipped, nghttpd not found (Debian's nghttp2-server)")
     return False

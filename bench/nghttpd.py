@@ -32,6 +32,12 @@ from pushfan.emulators.credentials import Credentials
 NGHTTPD = "nghttpd"  # Debian's package nghttp2-server
 
 
+def binary() -> str | None:
+    """nghttpd's path: on ``PATH``, or in ``/usr/sbin`` where Debian puts it (``PATH``
+    often lacks it for a user other than root)."""
+    return shutil.which(NGHTTPD) or shutil.which(NGHTTPD, path="/usr/sbin:/sbin")
+
+
 @dataclass
 class Nghttpd:
     proc: subprocess.Popen[bytes]
@@ -84,11 +90,11 @@ def start_nghttpd(
 ) -> Iterator[Nghttpd]:
     """Run nghttpd on 127.0.0.1 (a free port) serving ``docroot`` with the emulators' server
     certificate, pinned to ``cpu`` when given (``taskset``); stopped on exit."""
-    binary = shutil.which(NGHTTPD) or shutil.which(NGHTTPD, path="/usr/sbin:/sbin")
-    if binary is None:
+    found = binary()
+    if found is None:
         raise RuntimeError("nghttpd not found: apt-get install nghttp2-server")
     port = _free_port()
-    cmd = [binary, "-a", "127.0.0.1", "-d", str(docroot), "-m", str(max_concurrent_streams)]
+    cmd = [found, "-a", "127.0.0.1", "-d", str(docroot), "-m", str(max_concurrent_streams)]
     cmd += [str(port), str(credentials.key_file), str(credentials.cert_file)]
     if cpu is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(cpu), *cmd]
@@ -122,7 +128,7 @@ def _wait_listening(
 
 
 def version() -> str:
-    binary = shutil.which(NGHTTPD) or shutil.which(NGHTTPD, path="/usr/sbin:/sbin") or NGHTTPD
+    found = binary() or NGHTTPD
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        return subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
+        return subprocess.run([found, "--version"], capture_output=True, text=True).stdout.strip()
     return "nghttpd (version unknown)"

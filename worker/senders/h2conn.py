@@ -112,9 +112,7 @@ class Batch:
         self.bodies = bodies
         # a shared body has one content-length field, made once
         self.length_field = (
-            http2.encode_field(b"content-length", str(len(bodies)).encode())
-            if isinstance(bodies, bytes) and bodies
-            else b""
+            _length_field(len(bodies)) if isinstance(bodies, bytes) and bodies else b""
         )
         self.count = count
         self.left = count
@@ -433,10 +431,9 @@ class Connection(asyncio.Protocol):
 
     def _blocks(self, batch: Batch) -> tuple[bytes, bytes]:
         """The request header block of ``batch`` around its per-request path (and
-        content-length, added by the caller)."""
+        content-length, added by the caller), made anew: :meth:`start` reuses the last
+        one while the batch and the encoder's generation are the same."""
         encoder = self.encoder
-        if batch is self._block_of and encoder.generation == self._block_generation:
-            return self._head, self._tail
         fields = [(":method", batch.method), (":scheme", "https")]
         fields.append((":authority", batch.authority))
         fields.append((":path", batch.shared_path or _MARK))
