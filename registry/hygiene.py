@@ -2,10 +2,11 @@
 
 A token whose latest registration (``last_seen_at``) is older than ``stale_after_days``
 (default 90) is deactivated with reason ``stale``; rows deactivated more than
-``purge_after_days`` ago are deleted. Both work in batches (``FOR UPDATE SKIP LOCKED``),
-so a pass never holds many locks, two passes at once split the work, and a registration
-racing a batch wins: a row that became fresh before its lock is taken is re-checked and
-left alone. Run it from cron (one pass) or with ``--loop``.
+``purge_after_days`` ago are deleted, with their day in ``token_deliveries``. Both work
+in batches (``FOR UPDATE SKIP LOCKED``), so a pass never holds many locks, two passes at
+once split the work, and a registration racing a batch wins: a row that became fresh
+before its lock is taken is re-checked and left alone. Run it from cron (one pass) or
+with ``--loop``.
 """
 
 from __future__ import annotations
@@ -40,9 +41,13 @@ WITH old AS (
      WHERE NOT is_active AND deactivated_at < now() - $1::float8 * interval '1 day'
      LIMIT $2
        FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM device_tokens AS d USING old WHERE d.id = old.id
+    RETURNING d.id
+), usage AS (
+    DELETE FROM token_deliveries WHERE token_id IN (SELECT id FROM gone)
 )
-DELETE FROM device_tokens AS d USING old WHERE d.id = old.id
-RETURNING d.id
+SELECT id FROM gone
 """
 
 log = get_logger("pushfan.hygiene")

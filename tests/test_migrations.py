@@ -180,3 +180,31 @@ async def test_a_failing_migration_is_named_and_rolled_back(empty_database_url: 
     # Everything before it stays applied; the broken one left nothing behind.
     assert await schema_version(empty_database_url) == len(broken) - 1
     assert "x" not in await _tables(empty_database_url)
+
+
+async def test_0004_moves_delivery_times_to_token_deliveries(empty_database_url: str) -> None:
+    shipped = load_migrations()
+    upto3 = [m for m in shipped if m.version <= 3]
+    await migrate(empty_database_url, upto3)
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO device_tokens (user_id, platform, token, last_delivered_at) VALUES"
+            " ('u1', 'android', 'tok-a', '2026-03-04 23:30:00+00'),"
+            " ('u1', 'ios', 'tok-b', '2026-03-05 01:00:00+05'),"
+            " ('u2', 'android', 'tok-c', NULL)"
+        )
+        await migrate(empty_database_url)
+        rows = await conn.fetch(
+            "SELECT t.token, d.delivered_on::text FROM token_deliveries d"
+            " JOIN device_tokens t ON t.id = d.token_id ORDER BY t.token"
+        )
+        gone = await conn.fetchval(
+            "SELECT count(*) FROM information_schema.columns"
+            " WHERE table_name = 'device_tokens' AND column_name = 'last_delivered_at'"
+        )
+    finally:
+        await conn.close()
+    # Days in UTC: 01:00 at +05 is the 4th there.
+    assert [tuple(r) for r in rows] == [("tok-a", "2026-03-04"), ("tok-b", "2026-03-04")]
+    assert gone == 0

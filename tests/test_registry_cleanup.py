@@ -323,6 +323,13 @@ async def test_hygiene_deactivates_stale_tokens_and_purges_old_rows(db: asyncpg.
                   deactivated_at = now() - interval '31 days' WHERE token = $1""",
         long_dead,
     )
+    # A purged token's delivery day goes with it; a kept token's stays.
+    await db.execute(
+        "INSERT INTO token_deliveries (token_id, delivered_on)"
+        " SELECT id, current_date FROM device_tokens WHERE token = ANY($1::text[])",
+        [fresh, long_dead],
+    )
+    purged_id = await db.fetchval("SELECT id FROM device_tokens WHERE token = $1", long_dead)
     metrics = Metrics()
 
     done = await hygiene.run_once(db, HygieneSettings(batch_size=2), metrics)
@@ -332,4 +339,10 @@ async def test_hygiene_deactivates_stale_tokens_and_purges_old_rows(db: asyncpg.
     assert await _active(db, stale) == (False, "stale")
     assert await _active(db, fresh) == (True, None)
     assert await db.fetchval("SELECT count(*) FROM device_tokens WHERE token = $1", long_dead) == 0
+    fresh_id = await db.fetchval("SELECT id FROM device_tokens WHERE token = $1", fresh)
+    marks = await db.fetch(
+        "SELECT token_id FROM token_deliveries WHERE token_id = ANY($1::bigint[])",
+        [purged_id, fresh_id],
+    )
+    assert {r[0] for r in marks} == {fresh_id}
     assert metrics.hygiene_runs._value.get() == 1

@@ -232,6 +232,7 @@ async def test_dead_tokens_are_reported_and_skipped_after_cleanup(
     emulators.apns.script.configure({"dead_tokens": sorted(dead_apns)})
 
     first = make_job({"kind": "segment", "segment": f"seg-{t}"}, type="news")
+    started = datetime.now(UTC).date()
     async with running_worker(wsettings):
         await publish(wsettings, first)
         done = await wait_for_job(db, first.job_id)
@@ -244,6 +245,11 @@ async def test_dead_tokens_are_reported_and_skipped_after_cleanup(
         (tok, "Unregistered") for tok in dead_apns
     }
     assert {e.job_id for e in events} == {first.job_id}
+    # Delivered tokens are marked with today's date (UTC); dead ones are not.
+    marked = await _delivery_marks(db, [*android.values(), *ios.values()])
+    days = {started, datetime.now(UTC).date()}
+    assert set(marked) == (set(android.values()) | set(ios.values())) - dead_fcm - dead_apns
+    assert {day for day, _ in marked.values()} <= days
 
     stop = asyncio.Event()
     sweeper = cleanup.Cleanup(wsettings.kafka, db, Metrics(), group_id=f"clean-{t}")
@@ -264,6 +270,20 @@ async def test_dead_tokens_are_reported_and_skipped_after_cleanup(
         again = await wait_for_job(db, second.job_id)
     assert (again.targeted, again.sent, again.invalid) == (590, 590, 0)
     assert not (dead_fcm | dead_apns) & set(deliveries(emulators))
+    # A second delivery the same day leaves the marks as they were: the same row
+    # versions (xmin), not rewritten.
+    if {day for day, _ in marked.values()} == {datetime.now(UTC).date()}:
+        assert await _delivery_marks(db, list(marked)) == marked
+
+
+async def _delivery_marks(db: asyncpg.Pool, tokens: list[str]) -> dict[str, tuple[object, str]]:
+    """token -> (its day in token_deliveries, that row's xmin), for tokens with a mark."""
+    rows = await db.fetch(
+        "SELECT t.token, d.delivered_on, d.xmin::text FROM device_tokens t"
+        " JOIN token_deliveries d ON d.token_id = t.id WHERE t.token = ANY($1::text[])",
+        tokens,
+    )
+    return {r[0]: (r[1], r[2]) for r in rows}
 
 
 async def test_an_all_users_broadcast_with_a_platform_filter(

@@ -157,12 +157,15 @@ class Held:
 
 def mark_delivered(ids: str, gate: str = "true") -> str:
     """A CTE body: the tokens whose ids are the ``bigint[]`` parameter ``ids`` had a
-    notification accepted, where ``gate`` holds. Written at most once a day per token,
-    so a broadcast does not rewrite every row."""
+    notification accepted today (UTC), where ``gate`` holds. ``token_deliveries`` keeps
+    a day per token, so a token's row is written at most once a day however many
+    notifications reach it; repeated ids are one mark."""
     return (
-        "UPDATE device_tokens SET last_delivered_at = now()"
-        f" WHERE id = ANY({ids}::bigint[]) AND {gate}"
-        " AND (last_delivered_at IS NULL OR last_delivered_at < now() - interval '1 day')"
+        "INSERT INTO token_deliveries (token_id, delivered_on)"
+        f" SELECT DISTINCT i, (now() AT TIME ZONE 'UTC')::date FROM unnest({ids}::bigint[]) AS i"
+        f" WHERE {gate}"
+        " ON CONFLICT (token_id) DO UPDATE SET delivered_on = excluded.delivered_on"
+        " WHERE token_deliveries.delivered_on < excluded.delivered_on"
     )
 
 
