@@ -58,6 +58,7 @@ def make_consumer(
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
         **overrides,
     }
     return AIOKafkaConsumer(*topics, **opts)

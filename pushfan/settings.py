@@ -98,6 +98,14 @@ class KafkaSettings(_Section):
     topic_replication_factor: int = Field(
         3, ge=1, description="Replicas of topics pushfan creates; 1 only for a single broker."
     )
+    fetch_max_wait_ms: int = Field(
+        500,
+        ge=1,
+        le=60_000,
+        description="Longest a consumer's fetch waits at the broker for new records (Kafka's"
+        " fetch.max.wait.ms); Kafka answers as soon as records arrive, a broker that answers"
+        " only at this bound adds up to it to every hop of a job.",
+    )
     topics: TopicSettings = TopicSettings()
 
     @field_validator("sasl_mechanism", "sasl_username", "sasl_password", mode="before")

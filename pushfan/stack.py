@@ -53,6 +53,8 @@ from pushfan.settings import Settings, TopicSettings
 
 log = get_logger(__name__)
 
+TANSU_FETCH_WAIT_MS = 50
+
 BrokerKind = Literal["external", "testcontainers", "tansu"]
 DatabaseKind = Literal["external", "testcontainers", "embedded"]
 
@@ -64,6 +66,9 @@ class Broker:
     bootstrap_servers: str
     kind: BrokerKind
     supports_idempotence: bool
+    # A broker that answers a fetch only when its wait runs out, however soon records
+    # arrive, gets a shorter wait: this bound, in ms (None: Kafka's behaviour).
+    fetch_wait_bound_ms: int | None = None
     _stop: Callable[[], None] = field(default=lambda: None, repr=False)
 
     def stop(self) -> None:
@@ -109,6 +114,10 @@ class Stack:
                 # Only ever turned off: the operator may have disabled it for their broker.
                 "enable_idempotence": (
                     settings.kafka.enable_idempotence and self.broker.supports_idempotence
+                ),
+                "fetch_max_wait_ms": min(
+                    settings.kafka.fetch_max_wait_ms,
+                    self.broker.fetch_wait_bound_ms or settings.kafka.fetch_max_wait_ms,
                 ),
                 # A broker started here is a single node.
                 "topic_replication_factor": (
@@ -203,7 +212,15 @@ def _tansu_broker() -> Broker:
         stop()
         raise
     log.debug("stack.broker_started", kind="tansu", port=port, pid=proc.pid)
-    broker = Broker(f"127.0.0.1:{port}", "tansu", supports_idempotence=False, _stop=stop)
+    # Tansu holds a fetch to its full wait even when records arrive meanwhile (measured,
+    # from a send to its fetch: 5-230 ms with Kafka's 500 ms default, 2-28 ms with 50).
+    broker = Broker(
+        f"127.0.0.1:{port}",
+        "tansu",
+        supports_idempotence=False,
+        fetch_wait_bound_ms=TANSU_FETCH_WAIT_MS,
+        _stop=stop,
+    )
     atexit.register(broker.stop)
     return broker
 

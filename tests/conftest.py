@@ -112,6 +112,7 @@ def service_env(stack: Stack, settings: Settings) -> dict[str, str]:
         KAFKA_BOOTSTRAP_SERVERS=stack.broker.bootstrap_servers,
         DATABASE_URL=settings.database.url.get_secret_value(),
         PUSHFAN_KAFKA__ENABLE_IDEMPOTENCE=str(stack.broker.supports_idempotence).lower(),
+        PUSHFAN_KAFKA__FETCH_MAX_WAIT_MS=str(settings.kafka.fetch_max_wait_ms),
         PUSHFAN_LOGGING__FORMAT="json",
         PUSHFAN_WORKER__METRICS_PORT="0",
         PUSHFAN_HYGIENE__CLEANUP_METRICS_PORT="0",

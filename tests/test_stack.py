@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from pushfan.stack import reap_orphans, redact_url
+from pushfan.kafka import make_consumer
+from pushfan.settings import load_settings
+from pushfan.stack import Broker, Database, Stack, reap_orphans, redact_url
 
 CHILD = textwrap.dedent(
     """
@@ -73,3 +75,22 @@ def test_a_sigkilled_owner_leaves_nothing_after_the_next_start() -> None:
 )
 def test_passwords_never_shown(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("kind", "bound", "configured", "expected"),
+    [("tansu", 50, 500, 50), ("tansu", 50, 20, 20), ("external", None, 500, 500)],
+)
+async def test_a_broker_that_holds_fetches_gets_a_shorter_wait_never_a_longer_one(
+    kind: str, bound: int | None, configured: int, expected: int
+) -> None:
+    broker = Broker("127.0.0.1:9", kind, kind == "external", fetch_wait_bound_ms=bound)  # type: ignore[arg-type]
+    database = Database("postgresql://u@127.0.0.1/x", "external", "postgresql://u@127.0.0.1/y")
+    base = load_settings()
+    kafka = base.kafka.model_copy(update={"fetch_max_wait_ms": configured})
+
+    applied = Stack(broker, database).apply(base.model_copy(update={"kafka": kafka}))
+
+    assert applied.kafka.fetch_max_wait_ms == expected
+    consumer = make_consumer(applied.kafka, group_id=None)  # not started: no connection
+    assert consumer._fetch_max_wait_ms == expected  # what aiokafka's fetcher will use
