@@ -258,9 +258,9 @@ def main() -> None:
     parser.add_argument(
         "--core-users",
         type=int,
-        default=50_000,
-        help="fanout: users (2 tokens each) in the one-core phase against nghttpd, issue"
-        " #9's figure (at most --users; 0: skip it)",
+        default=100_000,
+        help="fanout: users in the one-core phase against nghttpd, issue #9's figure: an"
+        " FCM-only and an APNs-only broadcast to them (at most --users; 0: skip it)",
     )
     parser.add_argument(
         "--only",

@@ -8,7 +8,7 @@ CA exactly as they trust the emulators.
 nghttpd serves files from a document root whatever the method, so the root holds one file
 per path the senders use (:func:`canned_docroot`): FCM's answer at
 ``/v1/projects/<project>/messages:send`` (firebase-admin reads its ``name``), and an empty
-file at ``/3/device/<token>`` for every APNs token (hard links to one; APNs answers 200
+file at ``/3/device/<token>`` for every APNs token (hard links to a few; APNs answers 200
 with no body). Its ``--echo-upload`` would answer any POST, but it writes every request
 body to a temporary file first and managed ~2,500 requests a second here.
 """
@@ -53,6 +53,9 @@ class Nghttpd:
         return self.proc.pid
 
 
+LINKS_PER_FILE = 50_000
+
+
 def fcm_path(project_id: str) -> str:
     return f"/v1/projects/{project_id}/messages:send"
 
@@ -65,8 +68,10 @@ def canned_docroot(root: Path, *, fcm_project: str, apns_tokens: Iterable[str]) 
     devices = root / "3" / "device"
     devices.mkdir(parents=True, exist_ok=True)
     empty = root / "empty"
-    empty.touch()
-    for token in apns_tokens:
+    for i, token in enumerate(apns_tokens):
+        if i % LINKS_PER_FILE == 0:  # a file takes at most 65,000 links on ext4
+            empty = root / f"empty-{i // LINKS_PER_FILE}"
+            empty.touch()
         with contextlib.suppress(FileExistsError):
             os.link(empty, devices / token)
     return root

@@ -7,8 +7,8 @@ FCM and APNs emulators run in a process of their own (``pushfan emulators``), th
 as ``python -m pushfan.cli worker`` configured only by ``PUSHFAN_*`` variables, on topics
 and a consumer group of their own per phase, with ``FCM_PER_MINUTE=0`` (no rate limit).
 Where the machine has two cores or more and ``taskset`` exists, a single worker runs alone
-on the first core; the emulators, this process and what the stack started here (an
-embedded PostgreSQL, the Tansu broker) on the last, as servers of their own would not
+on the first core; the emulators, this process, PostgreSQL when it runs on this machine
+(embedded or not) and the Tansu broker on the last, as servers of their own would not
 share the worker's core. Two workers may both run on every core, sharing them with the
 rest: no placement gives them a core each on two cores.
 
@@ -41,13 +41,14 @@ rest: no placement gives them a core each on two cores.
    target of 1.7x, both rates, the workers' cores and each cpu's busy share, which must
    stay well under 100% for the ratio to speak of the workers rather than the machine.
    The emulators are reset afterwards.
-5. **One core** (``--core-users``, default 50,000; 0 skips it; issue #9): one worker
+5. **One core** (``--core-users``, default 100,000; 0 skips it; issue #9): one worker
    alone on its core against ``nghttpd`` (``bench/nghttpd.py``: a C server answering
    every send with a canned 200, on the other core with PostgreSQL and the broker), on
-   the first users, with the lean senders and then the ``h2``-library reference in the
-   same run: tokens/s, the worker's CPU per token and what one core would carry at that
-   cost, against the target of 50,000 tokens/s. nghttpd keeps no log, so the ledger's
-   counts are the check there.
+   the first users: an FCM-only broadcast and an APNs-only one (a token per user each),
+   with the lean senders and then the ``h2``-library reference in the same run: per
+   platform, tokens/s end to end against the target of 50,000, the pace from 10% to 90%
+   of the users, the worker's CPU per token and the ratio to the reference. nghttpd keeps
+   no log, so the ledger's counts are the check there.
 6. **The delivery policy's cost** (``--policy-users``, default 60,000; 0 skips it): one
    worker, four broadcasts to the first users, alternately without preferences and with
    quiet hours for 30% of them, in several zones, which they are all outside of now
@@ -55,9 +56,10 @@ rest: no placement gives them a core each on two cores.
    the policy costs, against issue #6's target of under 10%.
 7. With ``--big``: one worker, 1,000,000 users (a database of its own), for peak RSS.
 
-Before each broadcast ``last_delivered_at`` is cleared and the table vacuumed, so every
-broadcast writes the same rows (the report stage marks tokens delivered at most once a
-day: a second broadcast on the same day would skip those writes). Every token must be
+Before each broadcast every token's delivery day (``token_deliveries``) is set to
+yesterday and the tables vacuumed, so every broadcast writes the same rows, as the first
+broadcast of a day does (the report stage marks a token at most once a day: a second
+broadcast on the same day would skip those writes). Every token must be
 delivered exactly once by the emulators' log and counted once by the ledger. Nothing
 asserts a time.
 """
@@ -141,9 +143,10 @@ def run(
         asyncio.run(migrate(big_url))
     everywhere = os.sched_getaffinity(0)
     where = placement(tuple(sorted(everywhere)))
-    # What the stack started here (an embedded PostgreSQL, the Tansu broker) moves off
-    # the worker's core, as servers of their own would not share it; this process too.
-    postmaster = asyncio.run(find_postmaster(url)) if stack.database.kind == "embedded" else None
+    # The servers on this machine (PostgreSQL, embedded or not, and the Tansu broker) move
+    # off the worker's core, as servers of their own would not share it; this process too.
+    # A PostgreSQL this bench did not start gets its affinity back at the end.
+    postmaster = asyncio.run(find_postmaster(url))
     broker = tansu_pid() if stack.broker.kind == "tansu" else None
     if where.rest is not None:
         pinned = ("PostgreSQL",) if postmaster is not None else ()

@@ -170,10 +170,12 @@ async def broadcast(
     logdir: Path,
     *,
     script: Mapping[str, object] | None = None,
+    platforms: Sequence[str] | None = None,
 ) -> Broadcast:
     """Start ``len(cpus)`` workers (each on its cpus), warm them up, time one broadcast
-    to ``segment``, stop them. ``script`` scripts the emulators for the timed broadcast
-    only (the warm-up runs unscripted); reading their logs afterwards resets them."""
+    to ``segment`` (its ``platforms`` only, when given: ``tokens`` must count those),
+    stop them. ``script`` scripts the emulators for the timed broadcast only (the warm-up
+    runs unscripted); reading their logs afterwards resets them."""
     server = target if isinstance(target, Server) else Server.emulators(target)
     em = server.em
     await fresh_state(conn)
@@ -206,7 +208,9 @@ async def broadcast(
                 named = {server.name: server.pid} | {w.short: w.pid for w in workers}
                 meter = CpuMeter(named, postmaster)
                 job = news_job(
-                    {"kind": "segment", "segment": segment}, f"bench-fanout-{uuid.uuid4().hex[:8]}"
+                    {"kind": "segment", "segment": segment},
+                    f"bench-fanout-{uuid.uuid4().hex[:8]}",
+                    platforms,
                 )
                 cpu_before = meter.sample()
                 t0 = time.perf_counter()

@@ -24,19 +24,23 @@ from worker import ledger
 from worker import status as job_status
 
 
-def news_job(audience: dict[str, Any], job_id: str) -> NotificationJob:
-    """The message bench/senders.py sends, so both measure the same payload."""
+def news_job(
+    audience: dict[str, Any], job_id: str, platforms: Sequence[str] | None = None
+) -> NotificationJob:
+    """The message bench/senders.py sends, so both measure the same payload; with
+    ``platforms``, to those platforms only."""
     now = datetime.now(UTC)
-    return NotificationJob.model_validate(
-        {
-            "job_id": job_id,
-            "type": "news",
-            "audience": audience,
-            "payload": {"title": "Breaking", "body": "Something happened.", "data": {"k": "v"}},
-            "created_at": now - timedelta(seconds=1),
-            "expires_at": now + timedelta(hours=2),
-        }
-    )
+    spec: dict[str, Any] = {
+        "job_id": job_id,
+        "type": "news",
+        "audience": audience,
+        "payload": {"title": "Breaking", "body": "Something happened.", "data": {"k": "v"}},
+        "created_at": now - timedelta(seconds=1),
+        "expires_at": now + timedelta(hours=2),
+    }
+    if platforms is not None:
+        spec["platforms"] = list(platforms)
+    return NotificationJob.model_validate(spec)
 
 
 async def until(
@@ -108,6 +112,13 @@ class Progress:
     split_s: float | None  # to the split into shards
     marks: dict[int, float]  # percent of the users reported -> seconds
 
+    def steady(self, tokens: int) -> float | None:
+        """Tokens/s between 10% and 90% of the users reported: the broadcast's pace
+        without its start (publish, split, the first pages) and its tail."""
+        if 10 not in self.marks or 90 not in self.marks or self.marks[90] <= self.marks[10]:
+            return None
+        return 0.8 * tokens / (self.marks[90] - self.marks[10])
+
 
 async def watch(
     conn: asyncpg.Connection,
@@ -126,7 +137,7 @@ async def watch(
         if status is not None:
             if split_s is None and status.shards_total is not None:
                 split_s = now - t0
-            for pct in (50, 90):
+            for pct in (10, 50, 90):
                 if pct not in marks and status.users_done * 100 >= users * pct:
                     marks[pct] = now - t0
             if status.state in ledger.FINAL_STATES:

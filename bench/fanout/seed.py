@@ -46,11 +46,15 @@ async def seed(conn: asyncpg.Connection, users: int, segment: str) -> dict[str, 
 
 
 async def fresh_state(conn: asyncpg.Connection) -> None:
-    """Every token as if never delivered to, the table vacuumed (visibility map set)."""
+    """Every token as last delivered to yesterday, the tables vacuumed (visibility map
+    set): each broadcast then marks every token's day, as the first broadcast of a day
+    does, on rows that exist (an update, the dearer path: 3.6 against 2.4 us a row)."""
     await conn.execute(
-        "UPDATE device_tokens SET last_delivered_at = NULL WHERE last_delivered_at IS NOT NULL"
+        "INSERT INTO token_deliveries (token_id, delivered_on)"
+        " SELECT id, (now() AT TIME ZONE 'UTC')::date - 1 FROM device_tokens"
+        " ON CONFLICT (token_id) DO UPDATE SET delivered_on = excluded.delivered_on"
     )
-    await conn.execute("VACUUM ANALYZE device_tokens")
+    await conn.execute("VACUUM ANALYZE device_tokens, token_deliveries")
 
 
 async def subsegment(conn: asyncpg.Connection, users: int, segment: str) -> dict[str, int]:
