@@ -37,7 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.fanout.cpus import cpu_ticks
-from bench.nghttpd import Nghttpd, canned_docroot, fcm_path, start_nghttpd, version
+from bench.nghttpd import (
+    Nghttpd,
+    canned_docroot,
+    docroot_parent,
+    fcm_path,
+    start_nghttpd,
+    version,
+)
 from bench.senders import STATIC_TOKEN, TOPIC, apns_tokens, fcm_tokens, sender_job, timed
 from pushfan.emulators.credentials import Credentials, ensure_credentials
 from pushfan.logs import configure_logging
@@ -281,7 +288,7 @@ def run(n: int, sdk_n: int) -> None:
         if server_cpu is not None
         else "one core: nothing pinned"
     )
-    with tempfile.TemporaryDirectory(prefix="pushfan-bench-h2-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pushfan-bench-h2-", dir=docroot_parent()) as tmp:
         work = Path(tmp)
         # No OAuth2 token endpoint here: FCM senders use a static access token.
         creds = ensure_credentials(work / "credentials", token_uri="https://127.0.0.1:9/token")

@@ -47,8 +47,9 @@ rest: no placement gives them a core each on two cores.
    the first users: an FCM-only broadcast and an APNs-only one (a token per user each),
    with the lean senders and then the ``h2``-library reference in the same run: per
    platform, tokens/s end to end against the target of 50,000, the pace from 10% to 90%
-   of the users, the worker's CPU per token and the ratio to the reference. nghttpd keeps
-   no log, so the ledger's counts are the check there.
+   of the users, the worker's CPU per token and the ratio to the reference; and
+   rendering's share of a send (the job once, each token spliced in), timed alone here.
+   nghttpd keeps no log, so the ledger's counts are the check there.
 6. **The delivery policy's cost** (``--policy-users``, default 60,000; 0 skips it): one
    worker, four broadcasts to the first users, alternately without preferences and with
    quiet hours for 30% of them, in several zones, which they are all outside of now

@@ -16,17 +16,22 @@ import asyncpg
 from bench.fanout.broadcast import Broadcast, Server, broadcast, phase_settings
 from bench.fanout.cpus import Placement, cpu_name
 from bench.fanout.emulators import Baseline, lean_rate, reset_emulators
+from bench.fanout.jobs import news_job
 from bench.fanout.report import print_senders, report
 from bench.fanout.seed import seed, subsegment
-from bench.nghttpd import canned_docroot, start_nghttpd
+from bench.nghttpd import canned_docroot, docroot_parent, start_nghttpd
 from bench.senders import EmulatorProcess
+from pushfan.emulators.runner import DEFAULT_APNS_TOPIC
 from pushfan.settings import Settings
 from worker.main import settle_gc
+from worker.render import fcm_bodies, render_apns, render_fcm
+from worker.senders.apns import APNS_PATH
 
 BIG_USERS = 1_000_000
 RSS_TARGET_MB = 200
 CORE_TARGET = 50_000  # issue #9: tokens/s end to end on one worker core
 ONE_CORE_PLATFORMS = (("FCM", "android"), ("APNs", "ios"))  # issue #9: each platform
+_TOKENS_SQL = "SELECT token FROM device_tokens WHERE platform = $1"
 SPEEDUP_TARGET = 1.7  # issue #5: two workers finish a broadcast 1.7 times as fast as one
 
 
@@ -235,14 +240,15 @@ async def one_core(
     check. Printed: each run, then per platform the end-to-end rate against the target,
     the steady pace, the worker's CPU a token and the ratios."""
     conn = await asyncpg.connect(url)
-    root = Path(tempfile.mkdtemp(prefix="pushfan-bench-nghttpd-"))
+    root = Path(tempfile.mkdtemp(prefix="pushfan-bench-nghttpd-", dir=docroot_parent()))
     runs: dict[tuple[str, str], Broadcast] = {}
     try:
         segment = f"bench-core-{uuid.uuid4().hex[:6]}"
         mix = await subsegment(conn, users, segment)
-        ios = await conn.fetch("SELECT token FROM device_tokens WHERE platform = 'ios'")
+        ios = [r[0] for r in await conn.fetch(_TOKENS_SQL, "ios")]
         creds = em.credentials
-        canned_docroot(root, fcm_project=creds.fcm_project_id, apns_tokens=[r[0] for r in ios])
+        canned_docroot(root, fcm_project=creds.fcm_project_id, apns_tokens=ios)
+        render_us = render_cost([r[0] for r in await conn.fetch(_TOKENS_SQL, "android")], ios)
         with start_nghttpd(creds, root, cpu=where.rest) as server:
             target = Server("nghttpd", server.pid, creds, server.url, server.url)
             for name, platform in ONE_CORE_PLATFORMS:
@@ -282,3 +288,24 @@ async def one_core(
             f" its CPU a token (one core would carry {1e6 / cpu_us:,.0f} tokens/s at that"
             f" cost); cpus busy {lean.cores.busy()}{ratios}"
         )
+    print(
+        "fanout one core: render, part of send: "
+        + ", ".join(f"{name} {us:.2f} us a token" for name, us in render_us.items())
+        + " (the job rendered once, each token spliced into its FCM body or APNs path;"
+        " timed alone in this process)"
+    )
+
+
+def render_cost(android: list[str], ios: list[str]) -> dict[str, float]:
+    """Rendering's share of a send, us a token: the job rendered once per platform, then
+    each token put in its request as the senders do (the FCM body cut at its slot, the
+    APNs path built)."""
+    job = news_job({"kind": "segment", "segment": "bench"}, "bench-render")
+    started = time.perf_counter()
+    fcm_bodies(render_fcm(job), android)
+    fcm = time.perf_counter() - started
+    started = time.perf_counter()
+    render_apns(job, topic=DEFAULT_APNS_TOPIC)
+    [APNS_PATH + t for t in ios]
+    apns = time.perf_counter() - started
+    return {"FCM": fcm / max(len(android), 1) * 1e6, "APNs": apns / max(len(ios), 1) * 1e6}

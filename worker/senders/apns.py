@@ -24,6 +24,7 @@ from worker.senders.exchange import Exchange, H2Response
 
 MIN_REFRESH_S = 20 * 60
 MAX_REFRESH_S = 50 * 60
+APNS_PATH = "/3/device/"  # a token's request path is this and the token
 
 
 class ProviderToken:
@@ -97,7 +98,7 @@ class ApnsSender:
 
         async def many(batch: Sequence[str], bearer: str) -> list[Outcome]:
             headers = (("authorization", f"bearer {bearer}"), *message.headers)
-            paths = ["/3/device/" + t for t in batch]
+            paths = [APNS_PATH + t for t in batch]
             replies = await self.pool.send_many("POST", paths, headers, message.body)
             return outcomes_of(replies, _answered)
 
