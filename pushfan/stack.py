@@ -108,6 +108,9 @@ class Stack:
 
     def apply(self, settings: Settings, *, topic_prefix: str | None = None) -> Settings:
         """``settings`` pointed at this stack; ``topic_prefix`` renames every topic (tests)."""
+        wait = settings.kafka.fetch_max_wait_ms
+        if self.broker.fetch_wait_bound_ms is not None:
+            wait = min(wait, self.broker.fetch_wait_bound_ms)
         kafka = settings.kafka.model_copy(
             update={
                 "bootstrap_servers": self.broker.bootstrap_servers,
@@ -115,10 +118,7 @@ class Stack:
                 "enable_idempotence": (
                     settings.kafka.enable_idempotence and self.broker.supports_idempotence
                 ),
-                "fetch_max_wait_ms": min(
-                    settings.kafka.fetch_max_wait_ms,
-                    self.broker.fetch_wait_bound_ms or settings.kafka.fetch_max_wait_ms,
-                ),
+                "fetch_max_wait_ms": wait,  # only ever lowered
                 # A broker started here is a single node.
                 "topic_replication_factor": (
                     settings.kafka.topic_replication_factor if self.broker.kind == "external" else 1

@@ -155,6 +155,10 @@ class Held:
     now: datetime | None = None
 
 
+# A token's delivery day: the date in UTC, whatever the session's time zone.
+UTC_TODAY = "(now() AT TIME ZONE 'UTC')::date"
+
+
 def mark_delivered(ids: str, gate: str = "true") -> str:
     """A CTE body: the tokens whose ids are the ``bigint[]`` parameter ``ids`` had a
     notification accepted today (UTC), where ``gate`` holds. ``token_deliveries`` keeps
@@ -162,7 +166,7 @@ def mark_delivered(ids: str, gate: str = "true") -> str:
     notifications reach it; repeated ids are one mark."""
     return (
         "INSERT INTO token_deliveries (token_id, delivered_on)"
-        f" SELECT DISTINCT i, (now() AT TIME ZONE 'UTC')::date FROM unnest({ids}::bigint[]) AS i"
+        f" SELECT DISTINCT i, {UTC_TODAY} FROM unnest({ids}::bigint[]) AS i"
         f" WHERE {gate}"
         " ON CONFLICT (token_id) DO UPDATE SET delivered_on = excluded.delivered_on"
         " WHERE token_deliveries.delivered_on < excluded.delivered_on"
