@@ -208,3 +208,35 @@ async def test_0004_moves_delivery_times_to_token_deliveries(empty_database_url:
     # Days in UTC: 01:00 at +05 is the 4th there.
     assert [tuple(r) for r in rows] == [("tok-a", "2026-03-04"), ("tok-b", "2026-03-04")]
     assert gone == 0
+
+
+async def test_0005_leaves_room_for_a_new_day_s_mark_in_the_page(
+    empty_database_url: str,
+) -> None:
+    from worker.ledger import mark_delivered
+
+    await migrate(empty_database_url)
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        options = await conn.fetchval(
+            "SELECT reloptions FROM pg_class WHERE relname = 'token_deliveries'"
+        )
+        ids = list(range(1, 2001))
+        await conn.execute(
+            "INSERT INTO token_deliveries (token_id, delivered_on)"
+            " SELECT i, current_date - 1 FROM unnest($1::bigint[]) AS i",
+            ids,
+        )
+        # The counters of the current transaction are read before it commits.
+        async with conn.transaction():
+            await conn.execute(f"WITH used AS ({mark_delivered('$1')}) SELECT 1", ids)
+            hot, updated = await conn.fetchrow(
+                "SELECT pg_stat_get_xact_tuples_hot_updated(c.oid),"
+                " pg_stat_get_xact_tuples_updated(c.oid)"
+                " FROM pg_class c WHERE relname = 'token_deliveries'"
+            )
+    finally:
+        await conn.close()
+    assert options == ["fillfactor=50"]
+    assert updated == len(ids)
+    assert hot == len(ids)  # every mark stayed in its page: no index entry written
