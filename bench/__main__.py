@@ -31,7 +31,7 @@ from pushfan.logs import configure_logging
 from pushfan.settings import LoggingSettings, Settings, load_settings
 from pushfan.stack import start_stack
 from schemas import NotificationJob, decode_job
-from worker.tokens import fetch_page_tokens
+from worker.tokens import fetch_page_tokens, fetch_span_tokens
 
 BARE_PAGE_SQL = """
 SELECT id, user_id, platform, token FROM device_tokens
@@ -141,14 +141,25 @@ async def bench_page_query(url: str, users: int, page: int) -> None:
         async def with_policy(p: list[str]) -> int:
             return len(await fetch_page_tokens(conn, p, "marketing"))
 
-        await run(bare)  # warm the cache for both
+        below = {p[-1]: (pages[n - 1][-1] if n else "") for n, p in enumerate(pages)}
+
+        async def by_range(p: list[str]) -> int:  # how an "all" audience's page is read
+            return len(await fetch_span_tokens(conn, below[p[-1]], p[-1], "marketing"))
+
+        await run(bare)  # warm the cache for all three
         base_s, base_n = await run(bare)
         ours_s, ours_n = await run(with_policy)
-        assert base_n == ours_n
+        span_s, span_n = await run(by_range)
+        assert base_n == ours_n == span_n
         print(
             f"page query w/ policy  {_rate(ours_n, ours_s)} tokens   bare query "
             f"{_rate(base_n, base_s)}   ratio {base_s / ours_s:.2f}   "
             f"({users:,} users, {ours_n:,} tokens, pages of {page})"
+        )
+        print(
+            f"page query by range   {_rate(span_n, span_s)} tokens   by name (above) "
+            f'{_rate(ours_n, ours_s)}   ratio {ours_s / span_s:.2f}   (an "all" audience\'s'
+            " pages: the users in (previous page's last, this page's last], one index range)"
         )
     finally:
         await conn.close()

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, time, timedelta
 import asyncpg
 import pytest
 
-from worker.tokens import PAGE_TOKENS_SQL, fetch_page_tokens
+from schemas import Platform
+from worker.tokens import PAGE_TOKENS_SQL, SPAN_TOKENS_SQL, fetch_page_tokens, fetch_span_tokens
 
 
 async def _seed(conn: asyncpg.Connection) -> None:
@@ -73,17 +74,57 @@ async def test_repr_shows_no_token(conn: asyncpg.Connection) -> None:
     assert "web-c" not in repr(row)
 
 
-async def test_the_query_can_use_the_active_user_index(conn: asyncpg.Connection) -> None:
+@pytest.mark.parametrize(
+    ("sql", "args"),
+    [
+        (PAGE_TOKENS_SQL, (["alice", "bob"], "order_shipped", None, None, "")),
+        (SPAN_TOKENS_SQL, ("alice", "order_shipped", None, None, "", "carol")),
+    ],
+    ids=["by-name", "by-range"],
+)
+async def test_the_query_can_use_the_active_user_index(
+    conn: asyncpg.Connection, sql: str, args: tuple[object, ...]
+) -> None:
     # With sequential scans priced out, the plan must find the partial index usable:
     # its predicate and leading column fit the query.
     await conn.execute("SET LOCAL enable_seqscan = off")
-    plan = "\n".join(
-        r[0]
-        for r in await conn.fetch(
-            "EXPLAIN " + PAGE_TOKENS_SQL, ["alice", "bob"], "order_shipped", None, None, ""
-        )
-    )
+    plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
     assert "device_tokens_active_user_idx" in plan, plan
+
+
+async def test_a_range_of_users_gives_what_their_names_give(conn: asyncpg.Connection) -> None:
+    """The "all" audience's read: (after, last] gives the rows the page's names give,
+    policy columns included, and nothing from outside the range."""
+    now = datetime(2026, 11, 23, 12, tzinfo=UTC)
+    await _seed(conn)
+    await conn.execute(
+        "INSERT INTO device_tokens (token, user_id, platform) VALUES ('and-0', 'aaron', 'android'),"
+        " ('and-d', 'dave', 'android')"
+    )
+    await conn.execute(
+        "INSERT INTO low_priority_sends (user_id, job_id, sent_at) VALUES ('bob', 'other', $1)",
+        now - timedelta(hours=1),
+    )
+
+    cases: list[tuple[str, list[Platform] | None]] = [
+        ("marketing", None),
+        ("news", ["ios", "web"]),
+        ("news", ["android"]),
+    ]
+    for kind, platforms in cases:
+        for since in (None, now - timedelta(days=1)):
+            by_name = await fetch_page_tokens(
+                conn, ["alice", "bob", "carol"], kind, platforms, cap_since=since, job_id="j"
+            )
+            by_range = await fetch_span_tokens(
+                conn, "aaron", "carol", kind, platforms, cap_since=since, job_id="j"
+            )
+            assert sorted(by_range) == sorted(by_name), (kind, platforms, since)
+            assert by_name  # each case has rows to compare
+    # The lower end is left out, the upper one kept; "" starts before every user_id.
+    assert {r.user_id for r in await fetch_span_tokens(conn, "alice", "bob", "news")} == {"bob"}
+    everyone = await fetch_span_tokens(conn, "", "dave", "news")
+    assert {r.user_id for r in everyone} == {"aaron", "alice", "bob", "carol", "dave"}
 
 
 @pytest.mark.parametrize("page", [0, 1, 1000])

@@ -19,13 +19,13 @@ import asyncpg
 
 from pushfan.metrics import Metrics
 from pushfan.settings import WorkerSettings
-from schemas import NotificationJob, Platform
+from schemas import AllAudience, NotificationJob, Platform
 from worker import ledger
 from worker.audience import pages
 from worker.dispatch import Dispatcher, Sent, Target
 from worker.policy import decide
 from worker.report import Reporter
-from worker.tokens import PageToken, fetch_page_tokens
+from worker.tokens import PageToken, fetch_page_tokens, fetch_span_tokens
 
 ALL_PLATFORMS: tuple[Platform, ...] = ("android", "ios", "web")
 
@@ -85,25 +85,36 @@ class Fanout:
         platforms = self.wanted_platforms(job)
         users = pages(self.pool, job, after=after, until=until, page_size=self.settings.page_size)
         stage = self.metrics.stage_seconds
+        # An "all" page is every user with a token in (previous page's last, its own last]:
+        # its tokens are read as that range (see fetch_span_tokens).
+        spans = isinstance(job.audience, AllAudience)
+        below = after or ""
 
         async def load(it: AsyncIterator[list[str]]) -> tuple[list[str], list[PageToken]] | None:
+            nonlocal below
             started = time.perf_counter()
             page = await anext(it, None)
             resolved = time.perf_counter()
             if page is None:
                 return None
-            tokens = (
-                await fetch_page_tokens(
+            lo, below = below, page[-1]
+            cap_since = self.cap_since(job)
+            if platforms == []:
+                tokens: list[PageToken] = []
+            elif spans:
+                tokens = await fetch_span_tokens(
                     self.pool,
-                    page,
+                    lo,
+                    page[-1],
                     job.type,
                     platforms,
-                    cap_since=self.cap_since(job),
+                    cap_since=cap_since,
                     job_id=job.job_id,
                 )
-                if platforms != []
-                else []
-            )
+            else:
+                tokens = await fetch_page_tokens(
+                    self.pool, page, job.type, platforms, cap_since=cap_since, job_id=job.job_id
+                )
             self.metrics.child(stage, "resolve").observe(resolved - started)
             self.metrics.child(stage, "query").observe(time.perf_counter() - resolved)
             return page, tokens

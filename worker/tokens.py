@@ -2,9 +2,10 @@
 
 One round trip per page, whatever the page holds: the user's per-type opt-out, quiet
 hours and recent low-priority sends (the frequency cap) ride along on each token row
-through LEFT JOINs, so the policy stage never queries
-per user. The query reads ``device_tokens_active_user_idx`` (partial on ``is_active``,
-``user_id`` leading, platform/id/token included).
+through LEFT JOINs, so the policy stage never queries per user. Both queries read
+``device_tokens_active_user_idx`` (partial on ``is_active``, ``user_id`` leading,
+platform/id/token included): by the page's user_ids, or, for an ``all`` audience, as the
+range of user_ids the page covers.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from asyncpg.pool import PoolConnectionProxy
 
 from schemas import Platform
 
-# The joined sides are narrowed by the same ANY($1) so they are read through their primary
-# keys; joined bare, the planner hashes the whole preference tables for every page
-# (measured: 12.9 ms against 2.9 ms a page of 1000 users, 30% of them with quiet hours).
-PAGE_TOKENS_SQL = """
+# The joined sides are narrowed by the same condition on user_id so they are read through
+# their primary keys; joined bare, the planner hashes the whole preference tables for every
+# page (measured: 12.9 ms against 2.9 ms a page of 1000 users, 30% of them with quiet hours).
+_PAGE_SQL = """
 SELECT t.id,
        t.user_id,
        t.platform,
@@ -34,22 +35,40 @@ SELECT t.id,
   FROM device_tokens t
   LEFT JOIN (SELECT user_id, push_enabled
                FROM notification_preferences
-              WHERE user_id = ANY($1::text[]) AND notification_type = $2) np
+              WHERE {users} AND notification_type = $2) np
          ON np.user_id = t.user_id
   LEFT JOIN (SELECT user_id, time_zone, quiet_start, quiet_end
                FROM user_preferences
-              WHERE user_id = ANY($1::text[])) up
+              WHERE {users}) up
          ON up.user_id = t.user_id
   LEFT JOIN (SELECT user_id, count(*) AS recent
                FROM low_priority_sends
               WHERE $4::timestamptz IS NOT NULL
-                AND user_id = ANY($1::text[]) AND sent_at > $4 AND job_id <> $5
+                AND {users} AND sent_at > $4 AND job_id <> $5
               GROUP BY user_id) ls
          ON ls.user_id = t.user_id
- WHERE t.user_id = ANY($1::text[])
+ WHERE {t_users}
    AND t.is_active
    AND ($3::text[] IS NULL OR t.platform = ANY($3::text[]))
 """
+
+# The page's users by name: one index lookup per user.
+PAGE_TOKENS_SQL = _PAGE_SQL.format(
+    users="user_id = ANY($1::text[])", t_users="t.user_id = ANY($1::text[])"
+)
+
+# The page's users as the range (after, last]: one index range scan. Only for an audience
+# that is every user with an active token, where that range holds nobody else. PostgreSQL
+# 15 descends the index from its root for each element of an ANY array, so the range
+# costs a third to a quarter as much (measured on 100,000 users, pages of 1,000: 1.8-2.3
+# against 6.7-9.7 us of PostgreSQL CPU a token, with preferences and the cap's log
+# filled). A segment's range also holds non-members: the cheap plan for a dense segment
+# scans every token between two members of a sparse one, and a prepared statement's
+# generic plan cannot tell the two apart (measured: 65-90 us a token), so segments keep
+# the list.
+SPAN_TOKENS_SQL = _PAGE_SQL.format(
+    users="user_id > $1 AND user_id <= $6", t_users="t.user_id > $1 AND t.user_id <= $6"
+)
 
 
 class PageToken(NamedTuple):
@@ -92,6 +111,36 @@ async def fetch_page_tokens(
         None if platforms is None else list(platforms),
         cap_since,
         job_id,
+    )
+    make = PageToken._make
+    return [make(row) for row in rows]
+
+
+async def fetch_span_tokens(
+    conn: asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy,
+    after: str,
+    last: str,
+    notification_type: str,
+    platforms: Sequence[Platform] | None = None,
+    *,
+    cap_since: datetime | None = None,
+    job_id: str = "",
+) -> list[PageToken]:
+    """Every active token of the users in ``(after, last]`` (``""``: from the first user),
+    as :func:`fetch_page_tokens` gives them for those users.
+
+    For the pages of an ``all`` audience: such a page is exactly the users with an active
+    token (of ``platforms``) in that range, so this is the same answer read as one index
+    range. A user who gets a first token in the range meanwhile is included too: the
+    next page starts after ``last`` and would never reach them."""
+    rows = await conn.fetch(
+        SPAN_TOKENS_SQL,
+        after,
+        notification_type,
+        None if platforms is None else list(platforms),
+        cap_since,
+        job_id,
+        last,
     )
     make = PageToken._make
     return [make(row) for row in rows]
