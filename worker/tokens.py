@@ -58,14 +58,15 @@ PAGE_TOKENS_SQL = _PAGE_SQL.format(
 )
 
 # The page's users as the range (after, last]: one index range scan. Only for an audience
-# that is every user with an active token, where that range holds nobody else. PostgreSQL
-# 15 descends the index from its root for each element of an ANY array, so the range
-# costs a third to a quarter as much (measured on 100,000 users, pages of 1,000: 1.8-2.3
-# against 6.7-9.7 us of PostgreSQL CPU a token, with preferences and the cap's log
-# filled). A segment's range also holds non-members: the cheap plan for a dense segment
-# scans every token between two members of a sparse one, and a prepared statement's
-# generic plan cannot tell the two apart (measured: 65-90 us a token), so segments keep
-# the list.
+# that is every user with an active token, where that range holds nobody else. Before
+# version 17, PostgreSQL descends the index from its root for each element of an ANY
+# array: on 15 the range costs a third to a quarter as much (100,000 users, pages of
+# 1,000: 1.8-2.3 against 6.7-9.7 us of PostgreSQL CPU a token, preferences and the cap's
+# log filled); 17 and later step between neighbouring elements, and on 18 the range read
+# is only 1.12x as fast. A segment's range also holds non-members: the cheap plan for a
+# dense segment scans every token between two members of a sparse one, and a prepared
+# statement's generic plan cannot tell the two apart (measured on 15: 65-90 us a token),
+# so segments keep the list.
 SPAN_TOKENS_SQL = _PAGE_SQL.format(
     users="user_id > $1 AND user_id <= $6", t_users="t.user_id > $1 AND t.user_id <= $6"
 )
