@@ -135,7 +135,10 @@ def test_up_on_the_session_stack_runs_the_demo(service_env: dict[str, str]) -> N
     }
     out = pushfan("up", "--exit-after-demo", "--demo-users", "3000", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "applied: 0001_initial, 0002_fanout, 0003_policy, 0004_token_deliveries, 0005_token_deliveries_fillfactor" in out.stdout
+    assert (
+        "applied: 0001_initial, 0002_fanout, 0003_policy, 0004_token_deliveries,"
+        " 0005_token_deliveries_fillfactor" in out.stdout
+    )
     assert "registered 4 devices through the registry API, logged out of one" in out.stdout
     assert re.search(
         r"the event arrived twice on orders-\w+; the bridge made job order-D\w+-shipped\n"

@@ -230,11 +230,13 @@ async def test_0005_leaves_room_for_a_new_day_s_mark_in_the_page(
         # The counters of the current transaction are read before it commits.
         async with conn.transaction():
             await conn.execute(f"WITH used AS ({mark_delivered('$1')}) SELECT 1", ids)
-            hot, updated = await conn.fetchrow(
+            row = await conn.fetchrow(
                 "SELECT pg_stat_get_xact_tuples_hot_updated(c.oid),"
                 " pg_stat_get_xact_tuples_updated(c.oid)"
                 " FROM pg_class c WHERE relname = 'token_deliveries'"
             )
+            assert row is not None
+            hot, updated = row
     finally:
         await conn.close()
     assert options == ["fillfactor=50"]
