@@ -3,6 +3,7 @@ policy for the job's type, in one round trip."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, time, timedelta
 
 import asyncpg
@@ -94,15 +95,38 @@ async def test_the_query_can_use_the_active_user_index(
 
 async def test_a_range_of_users_gives_what_their_names_give(conn: asyncpg.Connection) -> None:
     """The "all" audience's read: (after, last] gives the rows the page's names give,
-    policy columns included, and nothing from outside the range."""
+    policy columns included, and nothing from outside the range. User_ids of a prefix
+    of their own: other tests' committed users sort among plain names."""
     now = datetime(2026, 11, 23, 12, tzinfo=UTC)
-    await _seed(conn)
-    await conn.execute(
-        "INSERT INTO device_tokens (token, user_id, platform) VALUES ('and-0', 'aaron', 'android'),"
-        " ('and-d', 'dave', 'android')"
+    prefix = f"span-{uuid.uuid4().hex[:8]}"
+    a, b, c, d, e = (f"{prefix}-{n}" for n in range(5))
+    await conn.executemany(
+        "INSERT INTO device_tokens (token, user_id, platform, device_id, is_active, deactivated_at)"
+        " VALUES ($1 || $2, $2, $3, $1, $4, CASE WHEN $4 THEN NULL ELSE now() END)",
+        [
+            ("a-and-", a, "android", True),  # the page before's last user
+            ("b-and1-", b, "android", True),
+            ("b-and2-", b, "android", True),
+            ("b-ios-", b, "ios", True),
+            ("b-old-", b, "ios", False),  # logged out
+            ("c-ios-", c, "ios", True),
+            ("d-web-", d, "web", True),
+            ("e-and-", e, "android", True),  # the next page's first user
+        ],
     )
     await conn.execute(
-        "INSERT INTO low_priority_sends (user_id, job_id, sent_at) VALUES ('bob', 'other', $1)",
+        "INSERT INTO notification_preferences (user_id, notification_type, push_enabled)"
+        " VALUES ($1, 'marketing', false)",
+        c,
+    )
+    await conn.execute(
+        "INSERT INTO user_preferences (user_id, time_zone, quiet_start, quiet_end)"
+        " VALUES ($1, 'Asia/Tokyo', '22:00', '07:00')",
+        b,
+    )
+    await conn.execute(
+        "INSERT INTO low_priority_sends (user_id, job_id, sent_at) VALUES ($1, 'other', $2)",
+        c,
         now - timedelta(hours=1),
     )
 
@@ -114,17 +138,16 @@ async def test_a_range_of_users_gives_what_their_names_give(conn: asyncpg.Connec
     for kind, platforms in cases:
         for since in (None, now - timedelta(days=1)):
             by_name = await fetch_page_tokens(
-                conn, ["alice", "bob", "carol"], kind, platforms, cap_since=since, job_id="j"
+                conn, [b, c, d], kind, platforms, cap_since=since, job_id="j"
             )
             by_range = await fetch_span_tokens(
-                conn, "aaron", "carol", kind, platforms, cap_since=since, job_id="j"
+                conn, a, d, kind, platforms, cap_since=since, job_id="j"
             )
             assert sorted(by_range) == sorted(by_name), (kind, platforms, since)
             assert by_name  # each case has rows to compare
-    # The lower end is left out, the upper one kept; "" starts before every user_id.
-    assert {r.user_id for r in await fetch_span_tokens(conn, "alice", "bob", "news")} == {"bob"}
-    everyone = await fetch_span_tokens(conn, "", "dave", "news")
-    assert {r.user_id for r in everyone} == {"aaron", "alice", "bob", "carol", "dave"}
+    # The lower end is left out, the upper one kept.
+    assert {r.user_id for r in await fetch_span_tokens(conn, b, c, "news")} == {c}
+    assert {r.user_id for r in await fetch_span_tokens(conn, a, e, "news")} == {b, c, d, e}
 
 
 @pytest.mark.parametrize("page", [0, 1, 1000])
