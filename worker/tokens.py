@@ -105,16 +105,9 @@ async def fetch_page_tokens(
 
     With ``cap_since``, each row carries the user's low-priority sends since then by jobs
     other than ``job_id`` (the frequency cap's count); without it, 0 and no lookup."""
-    rows = await conn.fetch(
-        PAGE_TOKENS_SQL,
-        list(user_ids),
-        notification_type,
-        None if platforms is None else list(platforms),
-        cap_since,
-        job_id,
+    return await _fetch(
+        conn, PAGE_TOKENS_SQL, list(user_ids), notification_type, platforms, cap_since, job_id
     )
-    make = PageToken._make
-    return [make(row) for row in rows]
 
 
 async def fetch_span_tokens(
@@ -134,14 +127,23 @@ async def fetch_span_tokens(
     token (of ``platforms``) in that range, so this is the same answer read as one index
     range. A user who gets a first token in the range meanwhile is included too: the
     next page starts after ``last`` and would never reach them."""
-    rows = await conn.fetch(
-        SPAN_TOKENS_SQL,
-        after,
-        notification_type,
-        None if platforms is None else list(platforms),
-        cap_since,
-        job_id,
-        last,
+    return await _fetch(
+        conn, SPAN_TOKENS_SQL, after, notification_type, platforms, cap_since, job_id, last
     )
+
+
+async def _fetch(
+    conn: asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy,
+    sql: str,
+    users: object,
+    notification_type: str,
+    platforms: Sequence[Platform] | None,
+    cap_since: datetime | None,
+    job_id: str,
+    *more: object,
+) -> list[PageToken]:
+    """``sql`` (a form of ``_PAGE_SQL``) with its parameters in their order."""
+    plats = None if platforms is None else list(platforms)
+    rows = await conn.fetch(sql, users, notification_type, plats, cap_since, job_id, *more)
     make = PageToken._make
     return [make(row) for row in rows]
