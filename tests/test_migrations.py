@@ -13,6 +13,7 @@ import pytest
 
 from pushfan.db import load_migrations, migrate, schema_version
 from pushfan.errors import SetupError
+from worker.ledger import mark_delivered
 
 TABLES = {
     "device_tokens",
@@ -213,8 +214,6 @@ async def test_0004_moves_delivery_times_to_token_deliveries(empty_database_url:
 async def test_0005_leaves_room_for_a_new_day_s_mark_in_the_page(
     empty_database_url: str,
 ) -> None:
-    from worker.ledger import mark_delivered
-
     await migrate(empty_database_url)
     conn = await asyncpg.connect(empty_database_url)
     try:

@@ -52,10 +52,14 @@ SELECT t.id,
    AND ($3::text[] IS NULL OR t.platform = ANY($3::text[]))
 """
 
+
+def _page_sql(users: str) -> str:
+    """``_PAGE_SQL`` with ``users`` (a condition on the column ``{c}``) on every table."""
+    return _PAGE_SQL.format(users=users.format(c="user_id"), t_users=users.format(c="t.user_id"))
+
+
 # The page's users by name: one index lookup per user.
-PAGE_TOKENS_SQL = _PAGE_SQL.format(
-    users="user_id = ANY($1::text[])", t_users="t.user_id = ANY($1::text[])"
-)
+PAGE_TOKENS_SQL = _page_sql("{c} = ANY($1::text[])")
 
 # The page's users as the range (after, last]: one index range scan. Only for an audience
 # that is every user with an active token, where that range holds nobody else. Before
@@ -67,9 +71,7 @@ PAGE_TOKENS_SQL = _PAGE_SQL.format(
 # dense segment scans every token between two members of a sparse one, and a prepared
 # statement's generic plan cannot tell the two apart (measured on 15: 65-90 us a token),
 # so segments keep the list.
-SPAN_TOKENS_SQL = _PAGE_SQL.format(
-    users="user_id > $1 AND user_id <= $6", t_users="t.user_id > $1 AND t.user_id <= $6"
-)
+SPAN_TOKENS_SQL = _page_sql("{c} > $1 AND {c} <= $6")
 
 
 class PageToken(NamedTuple):
