@@ -236,6 +236,18 @@ def run_sender(
     return Result(name, n, **out)
 
 
+def connection_paths(paths: list[str], n: int, connections: int) -> list[tuple[int, list[str]]]:
+    """``n`` requests over at most ``connections``: each connection's count and its own
+    paths, every path of ``paths`` once over all of them (one path: the same for every
+    request)."""
+    counts = [n // connections + (k < n % connections) for k in range(min(n, connections))]
+    if len(paths) == 1:
+        return [(count, paths) for count in counts]
+    if len(paths) != n:
+        raise ValueError(f"{len(paths)} paths for {n} requests")
+    return [(count, paths[k::connections]) for k, count in enumerate(counts)]
+
+
 def run_h2load(
     server: Nghttpd, creds: Credentials, service: str, n: int, cpu: int | None, work: Path
 ) -> Result:
@@ -259,11 +271,9 @@ def run_h2load(
         paths = [f"/3/device/{t}" for t in apns_tokens(n)]
     (work / f"{service}.body").write_bytes(body)
     headers = [f"{k}: {v}" for k, v in (("authorization", auth), *message.headers)]
-    counts = [n // CONNECTIONS + (k < n % CONNECTIONS) for k in range(CONNECTIONS)]
     cmds = []
-    for k, count in enumerate(counts):
+    for k, (count, mine) in enumerate(connection_paths(paths, n, CONNECTIONS)):
         uris = work / f"{service}-{k}.uris"
-        mine = paths[k::CONNECTIONS] if len(paths) > 1 else paths
         uris.write_text("".join(f"{server.url}{p}\n" for p in mine))
         cmd = ["h2load", "-n", str(count), "-c", "1", "-m", str(STREAMS), "-t", "1"]
         cmd += ["-d", str(work / f"{service}.body"), "-i", str(uris)]

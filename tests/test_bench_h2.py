@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from bench.h2 import fit_aioapns_to_nghttpd, rendered
+from bench.h2 import connection_paths, fit_aioapns_to_nghttpd, rendered
 from bench.nghttpd import canned_docroot, start_nghttpd
 from bench.senders import STATIC_TOKEN, TOPIC, apns_tokens, fcm_tokens
 from pushfan.emulators.credentials import ensure_credentials
@@ -80,3 +80,17 @@ async def test_every_sender_gets_200_from_nghttpd(
     assert {o.kind for o in [*fcm, *apns]} == {OutcomeKind.DELIVERED}
     assert len(fcm) == len(apns) == 120
     assert OutcomeKind.DELIVERED not in {o.kind for o in unknown}
+
+
+@pytest.mark.parametrize("n", [2, 4, 203])
+def test_h2load_gives_each_connection_paths_of_its_own(n: int) -> None:
+    paths = [f"/3/device/{t}" for t in apns_tokens(n)]
+    split = connection_paths(paths, n, 4)
+    assert sum(count for count, _ in split) == n
+    assert all(count == len(mine) for count, mine in split)
+    assert sorted(p for _, mine in split for p in mine) == sorted(paths)
+    shared = connection_paths(["/v1/projects/p/messages:send"], n, 4)
+    assert [count for count, _ in shared] == [count for count, _ in split]
+    assert {tuple(mine) for _, mine in shared} == {("/v1/projects/p/messages:send",)}
+    with pytest.raises(ValueError, match="paths for"):
+        connection_paths([*paths, "/extra"], n, 4)
