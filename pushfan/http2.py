@@ -8,7 +8,7 @@ What is here:
 
 - :func:`frame` builds one frame; :class:`FrameReader` cuts received bytes into frames
   and rejects a frame longer than the size we advertised.
-- :class:`HeaderEncoder` writes header blocks with literal fields that are never indexed
+- :class:`HeaderEncoder` writes header blocks with literal fields without indexing
   (plus exact static-table matches), so a block depends on nothing but its fields and
   can be cached and concatenated; the peer's dynamic table is never touched.
 - :class:`HeaderDecoder` decodes with ``hpack`` (peers do index and Huffman-code their
@@ -221,8 +221,8 @@ class IndexingEncoder:
 
     Fields passed as ``indexed`` are added to the peer's dynamic table the first time
     (literal with incremental indexing) and referred to by index afterwards, so a server
-    decodes one byte instead of a string for each of them; the rest are never-indexed
-    literals from the shared :class:`HeaderEncoder`. Entries are never evicted behind
+    decodes one byte instead of a string for each of them; the rest are literals
+    without indexing from the shared :class:`HeaderEncoder`. Entries are never evicted behind
     our back: when the next block's new fields would not fit, the block starts by
     emptying the table (size updates to 0 and back). Blocks must reach the peer in the
     order they were made.
@@ -256,7 +256,7 @@ class IndexingEncoder:
 
     def block(self, fields: Sequence[tuple[str, str]], unique: Collection[str] = ()) -> bytes:
         """A block of ``fields`` in order; those named in ``unique`` (values that never
-        repeat, such as an APNs ``:path``) are never indexed."""
+        repeat, such as an APNs ``:path``) are literals without indexing."""
         entries = self._entries
         new = {f for f in fields if f[0] not in unique and f not in entries}
         new -= _STATIC_EXACT_STR
@@ -294,7 +294,7 @@ class IndexingEncoder:
 
 
 def path_field(path: bytes) -> bytes:
-    """``:path`` as a never-indexed literal with the static table's name (a path that
+    """``:path`` as a literal without indexing, with the static table's name (a path that
     never repeats, such as APNs' ``/3/device/<token>``): what :func:`encode_field` gives,
     without its lookups."""
     size = len(path)

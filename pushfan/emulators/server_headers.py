@@ -12,7 +12,7 @@ Requests are decoded by ``hpack.Decoder`` (clients index and Huffman-code their 
   and headers): :class:`pushfan.http2.HeaderDecoder` remembers blocks that left the
   dynamic table as it was, until the table next changes.
 
-Responses use :func:`pushfan.http2.encode_field`: never-indexed literals and exact
+Responses use :func:`pushfan.http2.encode_field`: literals without indexing and exact
 static-table matches, so nothing depends on the client's table.
 """
 

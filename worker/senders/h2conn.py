@@ -9,7 +9,7 @@ which goes out in one ``transport.write`` per loop turn.
 Header blocks: the fields a batch shares (method, scheme, authority, the credential and
 platform headers, a shared path) are indexed in the server's table; once they are, the
 block for them is the same bytes for every request and is reused until the table
-changes. A per-request ``:path`` is spliced in as a never-indexed literal.
+changes. A per-request ``:path`` is spliced in as a literal without indexing.
 """
 
 from __future__ import annotations
