@@ -4,8 +4,9 @@
 200 (``bench/nghttpd.py``) on one core; each client runs on the other core, in a process
 of its own, one after another:
 
-- ``h2load``, nghttp2's C load generator, with the senders' connections, streams, headers
-  and bodies: what the server sustains when the client costs next to nothing;
+- ``h2load``, nghttp2's C load generator, with the senders' connections (one h2load
+  process each, every request a path of its own), streams, headers and bodies: what the
+  server sustains when the client costs next to nothing;
 - each sender as a worker builds it (``worker.senders.factory`` from the settings
   ``PUSHFAN_FCM__IMPLEMENTATION`` / ``PUSHFAN_APNS__IMPLEMENTATION``: ``lean``, ``h2``,
   ``sdk``, defaults otherwise), sending distinct tokens in batches of 1000 through
