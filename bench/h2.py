@@ -285,7 +285,13 @@ def run_h2load(
     procs = [
         subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds
     ]
-    outputs = [(p.communicate(timeout=600), p.returncode) for p in procs]
+    try:
+        outputs = [(p.communicate(timeout=600), p.returncode) for p in procs]
+    finally:  # one timed out: stop the others too
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = time.perf_counter() - t0
     busy = (cpu_ticks(server.pid) - server0) / hz / wall
